@@ -1,0 +1,1 @@
+"""Transports: parse and authenticate, call a service, render its answer."""

@@ -1,0 +1,40 @@
+"""Client → server WebSocket frames of the native protocol, validated strictly."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class MessageFrame(_Frame):
+    type: Literal["message"]
+    content: StrictStr
+    client_msg_id: StrictStr | None = Field(None, min_length=1, max_length=100)
+    metadata: dict[str, Any] | None = None
+
+
+class TypingFrame(_Frame):
+    type: Literal["typing"]
+    is_typing: StrictBool
+
+
+class ReadFrame(_Frame):
+    type: Literal["read"]
+    seq: StrictInt = Field(ge=0)
+
+
+class PingFrame(_Frame):
+    type: Literal["ping"]
+
+
+FRAME_TYPES: dict[str, type[_Frame]] = {
+    "message": MessageFrame,
+    "typing": TypingFrame,
+    "read": ReadFrame,
+    "ping": PingFrame,
+}

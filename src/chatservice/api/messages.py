@@ -1,0 +1,63 @@
+"""`/api/chat/sessions/{id}/messages`: history pages and sending over HTTP."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from chatservice.api.deps import Caller, Parts
+from chatservice.api.responses import JSONBody
+from chatservice.api.schemas import SendMessage
+from chatservice.api.sessions import SessionId
+from chatservice.domain import isoformat
+from chatservice.events import message_payload
+from chatservice.services.messages import Draft
+
+router = APIRouter(prefix="/api/chat", tags=["messages"])
+
+
+@router.get("/sessions/{session_id}/messages")
+async def list_messages(
+    session_id: SessionId,
+    caller: Caller,
+    parts: Parts,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> JSONBody:
+    page = await parts.messages.page(caller, session_id, before=before, after=after, limit=limit)
+    return JSONBody(
+        {
+            "messages": [message_payload(m) for m in page.messages],
+            "has_more": page.has_more,
+            "total": page.total,
+        }
+    )
+
+
+@router.post("/sessions/{session_id}/messages", status_code=201)
+async def send_message(
+    session_id: SessionId, body: SendMessage, caller: Caller, parts: Parts
+) -> JSONBody:
+    result = await parts.messages.send(
+        caller,
+        session_id,
+        Draft(
+            content=body.content,
+            message_type=body.message_type,
+            metadata=body.metadata,
+            client_msg_id=body.client_msg_id,
+        ),
+    )
+    message = result.message
+    return JSONBody(
+        {
+            "message_id": message.message_id,
+            "seq": message.seq,
+            "status": "sent",
+            "client_msg_id": message.client_msg_id,
+            "created_at": isoformat(message.created_at),
+        },
+        status_code=201 if result.created else 200,
+    )

@@ -1,0 +1,81 @@
+"""`/api/chat/sessions`: create, list, detail, delete, end, read watermark."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from chatservice.api import views
+from chatservice.api.deps import Caller, Parts
+from chatservice.api.responses import JSONBody
+from chatservice.api.schemas import CreateSession, MarkRead
+from chatservice.domain import NewSession
+
+router = APIRouter(prefix="/api/chat", tags=["sessions"])
+
+SessionId = Annotated[str, Path(min_length=1, max_length=100)]
+
+
+@router.post("/sessions", status_code=201)
+async def create_session(body: CreateSession, caller: Caller, parts: Parts) -> JSONBody:
+    kind = body.kind or ("agent" if body.agent_id is not None else "group")
+    detail, created = await parts.sessions.create(
+        caller,
+        NewSession(
+            kind=kind,
+            title=body.title,
+            agent_id=body.agent_id,
+            metadata=body.metadata,
+            participants=body.participants,
+            scheduled_at=body.scheduled_at,
+        ),
+    )
+    return JSONBody(views.session_created(detail), status_code=201 if created else 200)
+
+
+@router.get("/sessions")
+async def list_sessions(
+    caller: Caller,
+    parts: Parts,
+    status: Annotated[str | None, Query(max_length=20)] = None,
+    agent_id: int | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JSONBody:
+    summaries, total = await parts.sessions.list(
+        caller, status=status, agent_id=agent_id, limit=limit, offset=offset
+    )
+    return JSONBody(
+        {
+            "sessions": [views.session_summary(s) for s in summaries],
+            "total": total,
+            "has_more": offset + len(summaries) < total,
+        }
+    )
+
+
+@router.get("/sessions/{session_id}")
+async def get_session(session_id: SessionId, caller: Caller, parts: Parts) -> JSONBody:
+    detail = await parts.sessions.detail(caller, session_id)
+    return JSONBody(views.session_detail(detail, caller.user_id))
+
+
+@router.delete("/sessions/{session_id}")
+async def delete_session(session_id: SessionId, caller: Caller, parts: Parts) -> JSONBody:
+    await parts.sessions.delete(caller, session_id)
+    return JSONBody({"message": "Session archived successfully", "session_id": session_id})
+
+
+@router.post("/sessions/{session_id}/end")
+async def end_session(session_id: SessionId, caller: Caller, parts: Parts) -> JSONBody:
+    session = await parts.sessions.end(caller, session_id)
+    return JSONBody(views.session_ended(session))
+
+
+@router.post("/sessions/{session_id}/read")
+async def mark_read(
+    session_id: SessionId, body: MarkRead, caller: Caller, parts: Parts
+) -> JSONBody:
+    watermark, unread = await parts.sessions.mark_read(caller, session_id, body.seq)
+    return JSONBody({"session_id": session_id, "last_read_seq": watermark, "unread_count": unread})

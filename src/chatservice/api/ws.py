@@ -1,0 +1,176 @@
+"""`/ws/{session_id}`: the native WebSocket protocol (seed s0's frames plus the spec's).
+
+This module only parses, authenticates and maps errors; what a frame does is decided by
+the services, and how events reach this socket by the hub (`realtime/`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import APIRouter, WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect
+
+from chatservice import events
+from chatservice.api.frames import FRAME_TYPES, MessageFrame, ReadFrame, TypingFrame
+from chatservice.auth import AuthError
+from chatservice.components import Components
+from chatservice.domain import Principal, Session, isoformat, new_id, utcnow
+from chatservice.realtime.connection import (
+    CLOSE_FORBIDDEN,
+    CLOSE_NOT_FOUND,
+    CLOSE_TRY_AGAIN_LATER,
+    CLOSE_UNAUTHORIZED,
+    Connection,
+)
+from chatservice.services.errors import Forbidden, NotFound, ServiceError
+from chatservice.services.messages import Draft
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+CLOSE_BAD_REQUEST = 4400
+REPLAY_PAGE = 500
+
+
+@router.websocket("/ws/{session_id}")
+async def chat_socket(websocket: WebSocket, session_id: str) -> None:
+    parts: Components = websocket.app.state.components
+    # Accept first so refusals carry our close codes (4401/4403/4404) to the client;
+    # closing before accepting would turn every refusal into a bare HTTP 403.
+    await websocket.accept()
+    try:
+        principal = parts.tokens.verify(_token(websocket))
+    except AuthError as exc:
+        await websocket.close(CLOSE_UNAUTHORIZED, str(exc)[:120])
+        return
+    try:
+        session, _ = await parts.sessions.require_member(principal, session_id)
+    except NotFound:
+        await websocket.close(CLOSE_NOT_FOUND, "session not found")
+        return
+    except Forbidden:
+        await websocket.close(CLOSE_FORBIDDEN, "not a participant of this session")
+        return
+    since_raw = websocket.query_params.get("since_seq")
+    if since_raw is not None and not since_raw.isdigit():
+        await websocket.close(CLOSE_BAD_REQUEST, "since_seq must be a non-negative integer")
+        return
+    if parts.hub.connection_count >= parts.settings.ws_max_connections:
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, "server is at its connection limit")
+        return
+
+    conn = Connection(
+        new_id("conn"),
+        session_id,
+        principal.user_id,
+        websocket.send_text,
+        websocket.close,
+        parts.settings.ws_send_queue_size,
+    )
+    conn.start()
+    try:
+        await parts.hub.attach(conn)
+        if since_raw is not None:
+            await _replay(parts, conn, int(since_raw))
+        conn.go_live()
+        await _read_frames(parts, websocket, conn, principal, session)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await parts.hub.detach(conn)
+        await conn.stop()
+        await parts.typing.stopped(session_id, principal.user_id)
+
+
+def _token(websocket: WebSocket) -> str | None:
+    token = websocket.query_params.get("token")
+    if token:
+        return token
+    header = websocket.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
+async def _replay(parts: Components, conn: Connection, since_seq: int) -> None:
+    """Send every message after `since_seq` from the database before live frames."""
+    conn.last_seq = min(since_seq, await parts.messages.last_seq(conn.session_id))
+    while True:
+        frames = await parts.messages.frames_after(conn.session_id, conn.last_seq, REPLAY_PAGE)
+        for seq, text in frames:
+            await conn.replay(seq, text)
+        if len(frames) < REPLAY_PAGE or conn.closed:
+            return
+
+
+async def _read_frames(
+    parts: Components,
+    websocket: WebSocket,
+    conn: Connection,
+    principal: Principal,
+    session: Session,
+) -> None:
+    limit = parts.settings.ws_message_size_limit
+    while not conn.closed:
+        received = await websocket.receive()
+        if received["type"] == "websocket.disconnect":
+            return
+        text = received.get("text")
+        if text is None:
+            conn.send_nowait(_error("BAD_FRAME", "frames must be JSON text"))
+            continue
+        if len(text) > limit or len(text.encode()) > limit:
+            conn.send_nowait(_error("FRAME_TOO_LARGE", f"frame is larger than {limit} bytes"))
+            continue
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            conn.send_nowait(_error("BAD_JSON", "frame is not valid JSON"))
+            continue
+        if not isinstance(data, dict):
+            conn.send_nowait(_error("BAD_FRAME", "a frame is a JSON object with a type"))
+            continue
+        kind = data.get("type")
+        model = FRAME_TYPES.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            conn.send_nowait(_error("UNKNOWN_TYPE", f"unknown frame type {str(kind)[:40]!r}"))
+            continue
+        ref = data.get("client_msg_id") if isinstance(data.get("client_msg_id"), str) else None
+        try:
+            frame = model.model_validate(data)
+            await _handle(parts, conn, principal, session, frame)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first.get("loc", ()))
+            conn.send_nowait(
+                _error("VALIDATION_ERROR", f"{field}: {first.get('msg', 'invalid')}", ref)
+            )
+        except ServiceError as exc:
+            conn.send_nowait(_error(exc.code, exc.message, ref, **exc.extra))
+
+
+async def _handle(
+    parts: Components, conn: Connection, principal: Principal, session: Session, frame: object
+) -> None:
+    if isinstance(frame, MessageFrame):
+        await parts.messages.send_as_member(
+            principal,
+            session,
+            Draft(
+                content=frame.content, metadata=frame.metadata, client_msg_id=frame.client_msg_id
+            ),
+        )
+    elif isinstance(frame, TypingFrame):
+        await parts.typing.set_typing(session.session_id, principal.user_id, frame.is_typing)
+    elif isinstance(frame, ReadFrame):
+        await parts.sessions.mark_read(principal, session.session_id, frame.seq)
+    else:  # ping
+        conn.send_nowait(events.encode({"type": "pong", "timestamp": isoformat(utcnow())}).decode())
+
+
+def _error(code: str, message: str, client_msg_id: str | None = None, **extra: object) -> str:
+    if client_msg_id is not None:
+        extra["client_msg_id"] = client_msg_id
+    return events.error_frame(code, message, **extra).decode()

@@ -1,0 +1,104 @@
+"""`chat-service serve | migrate | token`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from chatservice.config import ConfigError, Settings
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time chat backend.")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic's message names the variable and the problem
+        typer.echo(f"error: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port (default: SERVICE_PORT).")] = None,
+) -> None:
+    """Run the service. On the embedded SQLite database, pending migrations run first."""
+    import uvicorn
+
+    from chatservice.app import create_app
+    from chatservice.logs import configure_logging
+    from chatservice.store import migrate
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    try:
+        settings.resolve_jwt_secret()
+    except ConfigError as exc:
+        _fail(str(exc))
+    if settings.is_sqlite:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        migrate.upgrade(settings.effective_database_url)
+    limit = settings.ws_message_size_limit
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port or settings.service_port,
+        log_config=None,
+        ws_max_size=max(4 * limit, 1_048_576),
+        ws_ping_interval=settings.ws_heartbeat_interval,
+        ws_ping_timeout=settings.ws_connection_timeout,
+        timeout_graceful_shutdown=5,
+    )
+
+
+@cli.command("migrate")
+def migrate_command() -> None:
+    """Apply pending schema migrations to DATABASE_URL."""
+    from chatservice.store import migrate
+
+    settings = _settings()
+    if settings.is_sqlite:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        migrate.upgrade(settings.effective_database_url)
+    except Exception as exc:
+        _fail(f"migration failed: {exc}")
+    typer.echo(f"database at revision {migrate.head_revision()}")
+
+
+@cli.command()
+def token(
+    user_id: Annotated[str, typer.Argument(help="The user id to put in `sub`.")],
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 86_400,
+    name: Annotated[str | None, typer.Option(help="Display name claim.")] = None,
+    role: Annotated[list[str] | None, typer.Option(help="Role claim (repeatable).")] = None,
+) -> None:
+    """Print a development JWT signed with the configured secret."""
+    from chatservice.auth import TokenCodec
+
+    settings = _settings()
+    try:
+        secret = settings.resolve_jwt_secret()
+    except ConfigError as exc:
+        _fail(str(exc))
+    codec = TokenCodec(secret, settings.jwt_algorithm)
+    typer.echo(codec.issue(user_id, ttl_seconds=ttl, name=name, roles=role or None))
+
+
+def main() -> None:
+    logging.captureWarnings(True)
+    cli(prog_name="chat-service")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,26 @@
+"""The running service's parts, as the composition root (`app.py`) wired them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatservice.auth import TokenCodec
+from chatservice.bus.base import Bus
+from chatservice.config import Settings
+from chatservice.realtime.hub import Hub
+from chatservice.services.messages import MessageService
+from chatservice.services.sessions import SessionService
+from chatservice.services.typing import TypingService
+from chatservice.store.database import Database
+
+
+@dataclass(slots=True)
+class Components:
+    settings: Settings
+    database: Database
+    bus: Bus
+    tokens: TokenCodec
+    sessions: SessionService
+    messages: MessageService
+    typing: TypingService
+    hub: Hub

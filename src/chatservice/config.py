@@ -1,0 +1,118 @@
+"""Settings: every knob of the service, read from the environment and `.env`.
+
+Names follow seed s0's environment list so an existing deployment's `.env` works as is.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The sample secret printed in seed s0's README; refusing it outside DEBUG keeps a copied
+# example config from reaching production with a public signing key.
+SAMPLE_JWT_SECRET = "local-dev-secret-key-change-in-production"
+SECRET_FILE_NAME = "jwt_secret"
+
+
+class ConfigError(Exception):
+    """A setting that makes starting impossible; the message is one line for the operator."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    service_name: str = "chat-service"
+    service_port: int = Field(8003, ge=1, le=65535)
+    debug: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    # Where the embedded defaults live: the SQLite file and the generated JWT secret.
+    data_dir: Path = Path("data")
+
+    database_url: str = ""
+    database_pool_size: int = Field(20, ge=1)
+    database_max_overflow: int = Field(40, ge=0)
+
+    jwt_secret_key: str = ""
+    jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
+
+    ws_max_connections: int = Field(1000, ge=1)
+    ws_heartbeat_interval: float = Field(30, gt=0)
+    ws_connection_timeout: float = Field(300, gt=0)
+    ws_message_size_limit: int = Field(65536, ge=64)
+    # Frames a connection may have waiting to be written before it counts as too slow.
+    ws_send_queue_size: int = Field(1024, ge=1)
+
+    # Largest JSON request body any REST endpoint accepts.
+    max_request_body: int = Field(1_048_576, ge=1024)
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: object) -> object:
+        # Seed s0 writes a JSON list; a comma-separated list is accepted too.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import orjson
+
+                return orjson.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @property
+    def effective_database_url(self) -> str:
+        """The configured URL with an async driver, or the embedded SQLite file."""
+        url = self.database_url or f"sqlite:///{(self.data_dir / 'chat.db').resolve()}"
+        return async_database_url(url)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    def resolve_jwt_secret(self) -> str:
+        """The signing secret: configured, or generated once and kept in the data directory."""
+        if self.jwt_secret_key:
+            if self.jwt_secret_key == SAMPLE_JWT_SECRET and not self.debug:
+                raise ConfigError(
+                    "JWT_SECRET_KEY is the public sample value from the docs; set a real secret "
+                    "(or unset it to have one generated) or run with DEBUG=true."
+                )
+            return self.jwt_secret_key
+        path = self.data_dir / SECRET_FILE_NAME
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(48)
+        # O_EXCL: two processes starting together must not both write a different secret.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret)
+        return secret
+
+
+def async_database_url(url: str) -> str:
+    """Pick the async driver for the URL forms users write (`postgresql://`, `sqlite:///`)."""
+    for prefix, driver in (
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+        ("postgresql+psycopg2://", "postgresql+asyncpg://"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ):
+        if url.startswith(prefix):
+            return driver + url[len(prefix) :]
+    return url

@@ -1,0 +1,1 @@
+"""Local connections and the fan-out from the bus to them."""

@@ -1,0 +1,129 @@
+"""One client connection as the hub sees it: a bounded send queue and a writer task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+# Close codes of the native protocol (README, "Close codes").
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+
+SendText = Callable[[str], Awaitable[None]]
+Close = Callable[[int, str], Awaitable[None]]
+
+
+class Connection:
+    """Frames for one client, in order, never blocking the hub.
+
+    The hub calls `offer` synchronously for every event of the session; the frame goes
+    on a bounded queue drained by this connection's own writer task. A client that
+    stops reading fills only its own queue; past the bound it is closed with
+    CLOSE_SLOW_CONSUMER and recovers with `since_seq`.
+
+    Until `go_live`, offered frames are held back so a `since_seq` replay from the
+    database can be sent first; `last_seq` then drops anything the replay covered.
+    """
+
+    def __init__(
+        self,
+        conn_id: str,
+        session_id: str,
+        user_id: str,
+        send_text: SendText,
+        close: Close,
+        queue_size: int,
+    ) -> None:
+        self.conn_id = conn_id
+        self.session_id = session_id
+        self.user_id = user_id
+        self.last_seq = 0
+        self.closed = False
+        self._send_text = send_text
+        self._close = close
+        self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
+        self._limit = queue_size
+        self._live = False
+        self._held: list[tuple[int | None, str]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.conn_id}")
+
+    def offer(self, seq: int | None, text: str) -> None:
+        """Called by the hub for each event; `seq` is set for persisted messages."""
+        if self.closed:
+            return
+        if not self._live:
+            if len(self._held) >= self._limit:
+                self.kill(CLOSE_SLOW_CONSUMER, "send queue full; reconnect with since_seq")
+                return
+            self._held.append((seq, text))
+            return
+        if seq is not None:
+            if seq <= self.last_seq:
+                return
+            self.last_seq = seq
+        self.send_nowait(text)
+
+    async def replay(self, seq: int, text: str) -> None:
+        """A frame from history, before going live; waits for queue space."""
+        if self.closed or seq <= self.last_seq:
+            return
+        self.last_seq = seq
+        await self._queue.put(text)
+
+    def go_live(self) -> None:
+        held, self._held = self._held, []
+        self._live = True
+        for seq, text in held:
+            self.offer(seq, text)
+
+    def send_nowait(self, text: str) -> None:
+        try:
+            self._queue.put_nowait(text)
+        except asyncio.QueueFull:
+            self.kill(CLOSE_SLOW_CONSUMER, "send queue full; reconnect with since_seq")
+
+    def kill(self, code: int, reason: str) -> None:
+        """Close from inside a synchronous call path (the hub's fan-out)."""
+        if self.closed:
+            return
+        self.closed = True
+        log.info("closing connection %s: %s", self.conn_id, reason)
+        self._closer = asyncio.create_task(self._close_quietly(code, reason))
+
+    async def stop(self) -> None:
+        """The client is gone or the endpoint is done: end the writer task."""
+        self.closed = True
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+
+    async def _close_quietly(self, code: int, reason: str) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+        with contextlib.suppress(Exception):
+            await self._close(code, reason)
+
+    async def _write_loop(self) -> None:
+        queue = self._queue
+        try:
+            while True:
+                text = await queue.get()
+                await self._send_text(text)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the peer went away mid-send; the reader notices and cleans up
+            self.closed = True

@@ -1,0 +1,142 @@
+"""Messages: validate, dedupe, persist with the next seq, then publish: the spine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from chatservice import events
+from chatservice.bus.base import Bus
+from chatservice.domain import (
+    JSON,
+    Cursor,
+    Message,
+    MessagePage,
+    MessageType,
+    Principal,
+    SenderType,
+    SendResult,
+    Session,
+    SessionStatus,
+    new_id,
+    utcnow,
+)
+from chatservice.services.errors import InvalidInput, SessionClosed, TooLarge
+from chatservice.services.sessions import SessionService, check_metadata
+from chatservice.store.messages import MessageStore, SessionNotWritable
+
+MAX_PAGE = 200
+MAX_CLIENT_MSG_ID = 100
+USER_MESSAGE_TYPES = frozenset({MessageType.TEXT.value})
+
+
+@dataclass(slots=True)
+class Draft:
+    """A message as a client sends it, whatever the transport."""
+
+    content: Any
+    message_type: str = MessageType.TEXT.value
+    metadata: Any = None
+    client_msg_id: Any = None
+
+
+class MessageService:
+    def __init__(
+        self, sessions: SessionService, store: MessageStore, bus: Bus, *, max_content_bytes: int
+    ) -> None:
+        self.sessions = sessions
+        self.store = store
+        self.bus = bus
+        self.max_content_bytes = max_content_bytes
+
+    async def send(self, principal: Principal, session_id: str, draft: Draft) -> SendResult:
+        session, _ = await self.sessions.require_member(principal, session_id)
+        return await self.send_as_member(principal, session, draft)
+
+    async def send_as_member(
+        self, principal: Principal, session: Session, draft: Draft
+    ) -> SendResult:
+        """Send for a caller whose membership the transport already checked (a live socket)."""
+        self._validate(draft)
+        if session.status not in (SessionStatus.ACTIVE, SessionStatus.SCHEDULED):
+            raise SessionClosed("the session has ended; it is read-only")
+        message = Message(
+            message_id=new_id("msg"),
+            session_id=session.session_id,
+            seq=0,
+            sender_type=SenderType.USER.value,
+            sender_id=principal.user_id,
+            message_type=draft.message_type,
+            content=draft.content,
+            metadata=draft.metadata,
+            created_at=utcnow(),
+            client_msg_id=draft.client_msg_id,
+        )
+        try:
+            stored, created = await self.store.append(message)
+        except SessionNotWritable as exc:
+            raise SessionClosed("the session has ended; it is read-only") from exc
+        if created:
+            # Persist, then publish: nothing a client sees can be missing from history.
+            await self.bus.publish(
+                events.session_channel(session.session_id),
+                events.encode(events.message_event(stored)),
+            )
+        return SendResult(stored, created)
+
+    async def page(
+        self,
+        principal: Principal,
+        session_id: str,
+        *,
+        before: str | None,
+        after: str | None,
+        limit: int,
+    ) -> MessagePage:
+        await self.sessions.require_member(principal, session_id)
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}")
+        return await self.store.page(
+            session_id, before=_cursor(before, "before"), after=_cursor(after, "after"), limit=limit
+        )
+
+    # -- history for the hub and for since_seq replay --------------------------------------
+
+    async def last_seq(self, session_id: str) -> int:
+        return await self.store.last_seq(session_id)
+
+    async def frames_after(self, session_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+        messages = await self.store.after_seq(session_id, after, limit)
+        return [(m.seq, events.encode(events.message_event(m)).decode()) for m in messages]
+
+    def _validate(self, draft: Draft) -> None:
+        if draft.message_type not in USER_MESSAGE_TYPES:
+            raise InvalidInput("message_type must be 'text'")
+        content = draft.content
+        if not isinstance(content, str):
+            raise InvalidInput("content must be a string")
+        if not content.strip():
+            raise InvalidInput("content is empty", code="EMPTY_CONTENT")
+        if len(content) > self.max_content_bytes or len(content.encode()) > self.max_content_bytes:
+            raise TooLarge(f"content is larger than {self.max_content_bytes} bytes")
+        check_metadata(draft.metadata)
+        cid = draft.client_msg_id
+        if cid is not None and (
+            not isinstance(cid, str) or not cid or len(cid) > MAX_CLIENT_MSG_ID
+        ):
+            raise InvalidInput(
+                f"client_msg_id must be a string of 1-{MAX_CLIENT_MSG_ID} characters"
+            )
+
+
+def _cursor(raw: str | None, name: str) -> Cursor | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        return Cursor.parse(raw)
+    except ValueError as exc:
+        raise InvalidInput(f"{name} must be a seq or an ISO 8601 time") from exc
+
+
+def message_json(message: Message) -> JSON:
+    return events.message_payload(message)

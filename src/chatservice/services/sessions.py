@@ -1,0 +1,199 @@
+"""Sessions: creating, listing, reading, ending and deleting conversations; membership."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import orjson
+
+from chatservice import events
+from chatservice.bus.base import Bus
+from chatservice.domain import (
+    WRITABLE_STATUSES,
+    NewSession,
+    Participant,
+    Principal,
+    Role,
+    Session,
+    SessionDetail,
+    SessionKind,
+    SessionStatus,
+    SessionSummary,
+    isoformat,
+    new_id,
+    utcnow,
+)
+from chatservice.services.errors import Forbidden, InvalidInput, NotFound, TooLarge
+from chatservice.store.sessions import SessionStore
+
+MAX_PARTICIPANTS = 1000
+MAX_METADATA_BYTES = 16_384
+MAX_TITLE_LENGTH = 200
+MAX_USER_ID_LENGTH = 100
+LISTABLE_STATUSES = (
+    SessionStatus.SCHEDULED.value,
+    SessionStatus.ACTIVE.value,
+    SessionStatus.ARCHIVED.value,
+)
+
+
+def check_metadata(metadata: object) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise InvalidInput("metadata must be a JSON object")
+    if len(orjson.dumps(metadata)) > MAX_METADATA_BYTES:
+        raise TooLarge(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+
+
+class SessionService:
+    def __init__(self, store: SessionStore, bus: Bus) -> None:
+        self.store = store
+        self.bus = bus
+
+    async def create(self, principal: Principal, request: NewSession) -> tuple[SessionDetail, bool]:
+        """Create a session; a `direct` pair that exists already is returned (created=False)."""
+        kind = request.kind
+        if kind not in {k.value for k in SessionKind}:
+            raise InvalidInput("kind must be one of agent, direct, group")
+        if request.title is not None and len(request.title) > MAX_TITLE_LENGTH:
+            raise InvalidInput(f"title is longer than {MAX_TITLE_LENGTH} characters")
+        check_metadata(request.metadata)
+        others = _other_participants(principal.user_id, request.participants)
+        direct_key = None
+        if kind == SessionKind.AGENT:
+            if request.agent_id is None:
+                raise InvalidInput("an agent session needs agent_id")
+        elif request.agent_id is not None:
+            raise InvalidInput(f"a {kind} session has no agent_id")
+        if request.agent_id is not None and await self.store.get_agent(request.agent_id) is None:
+            raise InvalidInput(f"agent {request.agent_id} does not exist", code="UNKNOWN_AGENT")
+        if kind == SessionKind.DIRECT:
+            if len(others) != 1:
+                raise InvalidInput("a direct session has exactly one other participant")
+            direct_key = "|".join(sorted((principal.user_id, others[0])))
+
+        now = utcnow()
+        scheduled = request.scheduled_at is not None and request.scheduled_at > now
+        session = Session(
+            session_id=new_id("sess"),
+            trace_id=new_id("trace"),
+            user_id=principal.user_id,
+            kind=kind,
+            status=SessionStatus.SCHEDULED.value if scheduled else SessionStatus.ACTIVE.value,
+            title=request.title,
+            agent_id=request.agent_id,
+            metadata=request.metadata,
+            created_at=now,
+            updated_at=now,
+            scheduled_at=request.scheduled_at,
+        )
+        members = [
+            Participant(
+                session.session_id,
+                principal.user_id,
+                Role.OWNER.value,
+                now,
+                display_name=principal.name,
+            )
+        ] + [Participant(session.session_id, uid, Role.MEMBER.value, now) for uid in others]
+        stored, created = await self.store.create(session, members, direct_key)
+        return await self.store.detail(stored), created
+
+    async def require_member(
+        self, principal: Principal, session_id: str
+    ) -> tuple[Session, Participant]:
+        """The session, if it exists and the caller takes part in it: else 404 / 403."""
+        session, member = await self.store.membership(session_id, principal.user_id)
+        if session is None or session.status == SessionStatus.DELETED:
+            raise NotFound("session not found", code="SESSION_NOT_FOUND")
+        if member is None:
+            raise Forbidden("you are not a participant of this session")
+        return session, member
+
+    async def list(
+        self,
+        principal: Principal,
+        *,
+        status: str | None,
+        agent_id: int | None,
+        limit: int,
+        offset: int,
+    ) -> tuple[list[SessionSummary], int]:
+        if status is not None and status not in LISTABLE_STATUSES:
+            raise InvalidInput("status must be one of scheduled, active, archived")
+        statuses = (status,) if status else LISTABLE_STATUSES
+        return await self.store.list_for_user(
+            principal.user_id, statuses=statuses, agent_id=agent_id, limit=limit, offset=offset
+        )
+
+    async def detail(self, principal: Principal, session_id: str) -> SessionDetail:
+        session, _ = await self.require_member(principal, session_id)
+        return await self.store.detail(session)
+
+    async def delete(self, principal: Principal, session_id: str) -> None:
+        _session, member = await self.require_member(principal, session_id)
+        if member.role != Role.OWNER:
+            raise Forbidden("only the session's owner can delete it")
+        now = utcnow()
+        changed = await self.store.set_status(
+            session_id,
+            SessionStatus.DELETED.value,
+            now=now,
+            only_from=(*WRITABLE_STATUSES, SessionStatus.ARCHIVED.value),
+        )
+        if changed is not None:
+            await self._announce(session_id, "session_deleted", principal.user_id, now)
+
+    async def end(self, principal: Principal, session_id: str) -> Session:
+        """Archive the session (idempotent: ending an ended session returns it as it is)."""
+        session, member = await self.require_member(principal, session_id)
+        if member.role != Role.OWNER and session.kind == SessionKind.GROUP:
+            raise Forbidden("only the group's owner can end it")
+        if session.status == SessionStatus.ARCHIVED:
+            return session
+        now = utcnow()
+        ended = await self.store.set_status(
+            session_id,
+            SessionStatus.ARCHIVED.value,
+            now=now,
+            only_from=WRITABLE_STATUSES,
+            ended=True,
+        )
+        if ended is None:  # a concurrent end or delete won
+            session, _ = await self.require_member(principal, session_id)
+            return session
+        await self._announce(session_id, "session_ended", principal.user_id, now)
+        return ended
+
+    async def mark_read(self, principal: Principal, session_id: str, seq: int) -> tuple[int, int]:
+        """Move the caller's read watermark forward; returns (watermark, unread_count)."""
+        if seq < 0:
+            raise InvalidInput("seq must be zero or more")
+        session, member = await self.require_member(principal, session_id)
+        target = min(seq, session.last_seq)
+        watermark = await self.store.mark_read(session_id, principal.user_id, target)
+        if watermark > member.last_read_seq:
+            event = events.receipt_event(session_id, principal.user_id, watermark)
+            await self.bus.publish(events.session_channel(session_id), events.encode(event))
+        unread = await self.store.unread_count(session_id, principal.user_id, watermark)
+        return watermark, unread
+
+    async def _announce(self, session_id: str, name: str, user_id: str, when: datetime) -> None:
+        event = events.system_event(session_id, name, user_id, isoformat(when))
+        await self.bus.publish(events.session_channel(session_id), events.encode(event))
+
+
+def _other_participants(creator: str, requested: list[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for raw in requested:
+        if not isinstance(raw, str):
+            raise InvalidInput("participants must be user id strings")
+        user_id = raw.strip()
+        if not user_id or len(user_id) > MAX_USER_ID_LENGTH:
+            raise InvalidInput("a participant id must be 1-100 characters")
+        if user_id != creator:
+            seen[user_id] = None
+    if len(seen) > MAX_PARTICIPANTS:
+        raise InvalidInput(f"at most {MAX_PARTICIPANTS} participants")
+    return list(seen)

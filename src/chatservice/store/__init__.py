@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy Core over SQLite or PostgreSQL, schema by Alembic."""

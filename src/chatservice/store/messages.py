@@ -1,0 +1,183 @@
+"""Queries about messages: appending with the next `seq`, paging and replay."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from chatservice.domain import WRITABLE_STATUSES, Cursor, Message, MessagePage, SessionStatus
+from chatservice.store.database import Database
+from chatservice.store.tables import chat_messages, chat_sessions
+
+_VISIBLE = chat_messages.c.deleted_at.is_(None)
+
+
+class SessionNotWritable(Exception):
+    """The session was ended or deleted before the message could be stored."""
+
+
+def message_from_row(row: Any) -> Message:
+    return Message(
+        message_id=row.message_id,
+        session_id=row.session_id,
+        seq=row.seq,
+        sender_type=row.sender_type,
+        sender_id=row.sender_id,
+        message_type=row.message_type,
+        content=row.content,
+        metadata=row.meta,
+        created_at=row.created_at,
+        client_msg_id=row.client_msg_id,
+        is_edited=row.is_edited,
+        edited_at=row.edited_at,
+        tokens_used=row.tokens_used,
+        latency_ms=row.latency_ms,
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.astimezone(UTC)
+
+
+class MessageStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def append(self, message: Message) -> tuple[Message, bool]:
+        """Store `message` with the session's next seq; returns (stored, created).
+
+        The seq comes from `UPDATE chat_sessions SET last_seq = last_seq + 1 … RETURNING`
+        in the same transaction as the INSERT: the row lock orders concurrent writers of
+        one session, and a rollback gives the number back, so seqs have no gaps.
+        A `client_msg_id` the sender already used returns the original instead.
+        """
+        if message.client_msg_id is not None:
+            original = await self.by_client_msg_id(
+                message.session_id, message.sender_id, message.client_msg_id
+            )
+            if original is not None:
+                return original, False
+        s = chat_sessions
+        try:
+            async with self.db.write() as conn:
+                seq = (
+                    await conn.execute(
+                        update(s)
+                        .where(
+                            s.c.session_id == message.session_id,
+                            s.c.status.in_(WRITABLE_STATUSES),
+                        )
+                        .values(
+                            last_seq=s.c.last_seq + 1,
+                            updated_at=message.created_at,
+                            status=SessionStatus.ACTIVE.value,
+                            started_at=func.coalesce(s.c.started_at, message.created_at),
+                        )
+                        .returning(s.c.last_seq)
+                    )
+                ).scalar_one_or_none()
+                if seq is None:
+                    raise SessionNotWritable(message.session_id)
+                message.seq = seq
+                await conn.execute(
+                    insert(chat_messages).values(
+                        session_id=message.session_id,
+                        message_id=message.message_id,
+                        seq=seq,
+                        sender_type=message.sender_type,
+                        sender_id=message.sender_id,
+                        message_type=message.message_type,
+                        content=message.content,
+                        meta=message.metadata,
+                        client_msg_id=message.client_msg_id,
+                        tokens_used=message.tokens_used,
+                        latency_ms=message.latency_ms,
+                        created_at=message.created_at,
+                    )
+                )
+        except IntegrityError:
+            # A concurrent retry with the same client_msg_id won the race.
+            if message.client_msg_id is not None:
+                original = await self.by_client_msg_id(
+                    message.session_id, message.sender_id, message.client_msg_id
+                )
+                if original is not None:
+                    return original, False
+            raise
+        return message, True
+
+    async def by_client_msg_id(
+        self, session_id: str, sender_id: str, client_msg_id: str
+    ) -> Message | None:
+        m = chat_messages
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(m).where(
+                        m.c.session_id == session_id,
+                        m.c.sender_id == sender_id,
+                        m.c.client_msg_id == client_msg_id,
+                    )
+                )
+            ).first()
+        return message_from_row(row) if row else None
+
+    async def after_seq(self, session_id: str, after: int, limit: int) -> list[Message]:
+        """Messages with seq > `after`, oldest first: replay for `since_seq`."""
+        m = chat_messages
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(m)
+                    .where(m.c.session_id == session_id, m.c.seq > after, _VISIBLE)
+                    .order_by(m.c.seq)
+                    .limit(limit)
+                )
+            ).all()
+        return [message_from_row(row) for row in rows]
+
+    async def page(
+        self, session_id: str, *, before: Cursor | None, after: Cursor | None, limit: int
+    ) -> MessagePage:
+        """A page in ascending seq order; see SPEC §9 "Paging" for the rules."""
+        m = chat_messages
+        conditions: list[Any] = [m.c.session_id == session_id, _VISIBLE]
+        for cursor, newer in ((after, True), (before, False)):
+            if cursor is None:
+                continue
+            if cursor.seq is not None:
+                conditions.append(m.c.seq > cursor.seq if newer else m.c.seq < cursor.seq)
+            elif cursor.moment is not None:
+                moment = _utc(cursor.moment)
+                conditions.append(m.c.created_at > moment if newer else m.c.created_at < moment)
+        # Walking forward only when the caller gave `after`; otherwise newest first.
+        forward = after is not None
+        order = m.c.seq.asc() if forward else m.c.seq.desc()
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(select(m).where(*conditions).order_by(order).limit(limit + 1))
+            ).all()
+            total = (
+                await conn.execute(
+                    select(func.count()).where(m.c.session_id == session_id, _VISIBLE)
+                )
+            ).scalar_one()
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        if not forward:
+            rows.reverse()
+        return MessagePage(
+            messages=[message_from_row(row) for row in rows], has_more=has_more, total=total
+        )
+
+    async def last_seq(self, session_id: str) -> int:
+        async with self.db.read() as conn:
+            value = (
+                await conn.execute(
+                    select(chat_sessions.c.last_seq).where(chat_sessions.c.session_id == session_id)
+                )
+            ).scalar_one_or_none()
+        return int(value or 0)

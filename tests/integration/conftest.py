@@ -1,0 +1,25 @@
+"""Integration fixtures: the real components (services, store, bus, hub) on each database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chatservice.app import build_components
+from chatservice.components import Components
+from chatservice.config import Settings
+from tests.conftest import TEST_SECRET
+
+
+@pytest.fixture
+async def parts(database_url: str, tmp_path: Path) -> AsyncIterator[Components]:
+    settings = Settings(
+        database_url=database_url, jwt_secret_key=TEST_SECRET, data_dir=tmp_path, _env_file=None
+    )
+    components = build_components(settings)
+    await components.bus.start()
+    yield components
+    await components.bus.close()
+    await components.database.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,10 +30,10 @@ _HTTP_CODES = {
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None, **extra: Any
 ) -> JSONBody:
     body: dict[str, Any] = {"code": code, "message": message, **extra}
-    return JSONBody({"error": body}, status_code=status, headers=headers)
+    return JSONBody({"error": body}, status_code=status, headers=dict(headers or {}))
 
 
 def install(app: FastAPI) -> None:

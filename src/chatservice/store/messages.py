@@ -166,7 +166,7 @@ class MessageStore:
                 )
             ).scalar_one()
         has_more = len(rows) > limit
-        rows = rows[:limit]
+        rows = list(rows[:limit])
         if not forward:
             rows.reverse()
         return MessagePage(

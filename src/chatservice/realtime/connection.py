@@ -18,6 +18,10 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 
+# A replay may be longer than the queue, so it waits for room; a client that reads
+# nothing for this long during its replay is treated as slow.
+REPLAY_STALL_SECONDS = 10.0
+
 SendText = Callable[[str], Awaitable[None]]
 Close = Callable[[int, str], Awaitable[None]]
 
@@ -77,11 +81,14 @@ class Connection:
         self.send_nowait(text)
 
     async def replay(self, seq: int, text: str) -> None:
-        """A frame from history, before going live; waits for queue space."""
+        """A frame from history, before going live; waits (boundedly) for queue space."""
         if self.closed or seq <= self.last_seq:
             return
         self.last_seq = seq
-        await self._queue.put(text)
+        try:
+            await asyncio.wait_for(self._queue.put(text), REPLAY_STALL_SECONDS)
+        except TimeoutError:
+            self.kill(CLOSE_SLOW_CONSUMER, "client did not read its replay")
 
     def go_live(self) -> None:
         held, self._held = self._held, []

@@ -30,3 +30,7 @@ class SendMessage(_Body):
 
 class MarkRead(_Body):
     seq: StrictInt = Field(ge=0)
+
+
+class AddParticipants(_Body):
+    user_ids: list[StrictStr] = Field(min_length=1, max_length=1000)

@@ -1,4 +1,4 @@
-"""`/api/chat/sessions`: create, list, detail, delete, end, read watermark."""
+"""`/api/chat/sessions`: create, list, detail, delete, end, members, read watermark."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query
 from chatservice.api import views
 from chatservice.api.deps import Caller, Parts
 from chatservice.api.responses import JSONBody
-from chatservice.api.schemas import CreateSession, MarkRead
+from chatservice.api.schemas import AddParticipants, CreateSession, MarkRead
 from chatservice.domain import NewSession
 
 router = APIRouter(prefix="/api/chat", tags=["sessions"])
@@ -79,3 +79,28 @@ async def mark_read(
 ) -> JSONBody:
     watermark, unread = await parts.sessions.mark_read(caller, session_id, body.seq)
     return JSONBody({"session_id": session_id, "last_read_seq": watermark, "unread_count": unread})
+
+
+@router.post("/sessions/{session_id}/participants")
+async def add_participants(
+    session_id: SessionId, body: AddParticipants, caller: Caller, parts: Parts
+) -> JSONBody:
+    added, detail = await parts.sessions.add_participants(caller, session_id, body.user_ids)
+    return JSONBody(
+        {
+            "session_id": session_id,
+            "added": added,
+            "participants": [p.user_id for p in detail.participants],
+        }
+    )
+
+
+@router.delete("/sessions/{session_id}/participants/{user_id}")
+async def remove_participant(
+    session_id: SessionId,
+    user_id: Annotated[str, Path(min_length=1, max_length=100)],
+    caller: Caller,
+    parts: Parts,
+) -> JSONBody:
+    await parts.sessions.remove_participant(caller, session_id, user_id)
+    return JSONBody({"session_id": session_id, "removed": user_id})

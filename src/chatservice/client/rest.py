@@ -101,6 +101,14 @@ class ChatClient:
     async def end_session(self, session_id: str) -> JSON:
         return await self._call("POST", f"/api/chat/sessions/{session_id}/end")
 
+    async def add_participants(self, session_id: str, user_ids: list[str]) -> JSON:
+        return await self._call(
+            "POST", f"/api/chat/sessions/{session_id}/participants", json={"user_ids": user_ids}
+        )
+
+    async def remove_participant(self, session_id: str, user_id: str) -> JSON:
+        return await self._call("DELETE", f"/api/chat/sessions/{session_id}/participants/{user_id}")
+
     async def mark_read(self, session_id: str, seq: int) -> JSON:
         return await self._call("POST", f"/api/chat/sessions/{session_id}/read", json={"seq": seq})
 

@@ -22,6 +22,9 @@ CLOSE_NOT_FOUND = 4404
 # nothing for this long during its replay is treated as slow.
 REPLAY_STALL_SECONDS = 10.0
 
+# How long a connection being closed on purpose may take to flush its last frames.
+FINISH_DRAIN_SECONDS = 5.0
+
 SendText = Callable[[str], Awaitable[None]]
 Close = Callable[[int, str], Awaitable[None]]
 
@@ -110,6 +113,18 @@ class Connection:
         log.info("closing connection %s: %s", self.conn_id, reason)
         self._closer = asyncio.create_task(self._close_quietly(code, reason))
 
+    def finish(self, code: int, reason: str) -> None:
+        """Close after the frames already queued are written (e.g. "you were removed")."""
+        if self.closed:
+            return
+        self.closed = True
+        self._closer = asyncio.create_task(self._close_after_drain(code, reason))
+
+    async def _close_after_drain(self, code: int, reason: str) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), FINISH_DRAIN_SECONDS)
+        await self._close_quietly(code, reason)
+
     async def stop(self) -> None:
         """The client is gone or the endpoint is done: end the writer task."""
         self.closed = True
@@ -130,6 +145,7 @@ class Connection:
             while True:
                 text = await queue.get()
                 await self._send_text(text)
+                queue.task_done()
         except asyncio.CancelledError:
             raise
         except Exception:  # the peer went away mid-send; the reader notices and cleans up

@@ -20,7 +20,7 @@ import orjson
 from chatservice import events
 from chatservice.bus.base import Bus
 from chatservice.domain import isoformat, utcnow
-from chatservice.realtime.connection import Connection
+from chatservice.realtime.connection import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, Connection
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,19 @@ class Room:
         for conn in tuple(self.connections):
             if conn.user_id != skip_user:
                 conn.offer(None, text)
+        if kind == "system":
+            self._enforce_access(head)
+
+    def _enforce_access(self, head: dict[str, object]) -> None:
+        """Connections that lost access by this event close once it has reached them."""
+        name = head.get("event")
+        if name == "session_deleted":
+            for conn in tuple(self.connections):
+                conn.finish(CLOSE_NOT_FOUND, "session deleted")
+        elif name == "participant_removed":
+            for conn in tuple(self.connections):
+                if conn.user_id == head.get("user_id"):
+                    conn.finish(CLOSE_FORBIDDEN, "removed from the session")
 
     def _sequence(self, seq: int, text: str) -> None:
         if self.released is None:  # still learning where the session stands

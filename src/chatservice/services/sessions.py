@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from datetime import datetime
 
 import orjson
@@ -23,7 +24,7 @@ from chatservice.domain import (
     new_id,
     utcnow,
 )
-from chatservice.services.errors import Forbidden, InvalidInput, NotFound, TooLarge
+from chatservice.services.errors import Conflict, Forbidden, InvalidInput, NotFound, TooLarge
 from chatservice.store.sessions import SessionStore
 
 MAX_PARTICIPANTS = 1000
@@ -179,9 +180,68 @@ class SessionService:
         unread = await self.store.unread_count(session_id, principal.user_id, watermark)
         return watermark, unread
 
-    async def _announce(self, session_id: str, name: str, user_id: str, when: datetime) -> None:
-        event = events.system_event(session_id, name, user_id, isoformat(when))
+    async def add_participants(
+        self, principal: Principal, session_id: str, user_ids: builtins.list[str]
+    ) -> tuple[builtins.list[str], SessionDetail]:
+        """The group's owner adds members; returns (added, session detail)."""
+        session, _ = await self._require_group_owner(principal, session_id)
+        requested = _other_participants(principal.user_id, user_ids)
+        if not requested:
+            raise InvalidInput("user_ids must name at least one other user")
+        now = utcnow()
+        added = await self.store.add_participants(session_id, requested, now)
+        for user_id in added:
+            await self._announce(
+                session_id, "participant_added", user_id, now, by=principal.user_id
+            )
+        return added, await self.store.detail(session)
+
+    async def remove_participant(self, principal: Principal, session_id: str, user_id: str) -> None:
+        """The owner removes a member, or a member leaves; the owner cannot leave."""
+        session, member = await self.require_member(principal, session_id)
+        leaving = user_id == principal.user_id
+        if leaving and member.role == Role.OWNER:
+            raise Conflict(
+                "the owner cannot leave; delete the session instead", code="OWNER_CANNOT_LEAVE"
+            )
+        if not leaving:
+            await self._require_group_owner(principal, session_id)
+        if session.kind != SessionKind.GROUP:
+            raise Conflict(
+                f"the membership of a {session.kind} session is fixed", code="FIXED_MEMBERSHIP"
+            )
+        if not await self.store.remove_participant(session_id, user_id):
+            raise NotFound(
+                f"{user_id} is not a participant of this session", code="PARTICIPANT_NOT_FOUND"
+            )
+        await self._announce(
+            session_id, "participant_removed", user_id, utcnow(), by=principal.user_id
+        )
+
+    async def _require_group_owner(
+        self, principal: Principal, session_id: str
+    ) -> tuple[Session, Participant]:
+        session, member = await self.require_member(principal, session_id)
+        if session.kind != SessionKind.GROUP:
+            raise Conflict(
+                f"the membership of a {session.kind} session is fixed", code="FIXED_MEMBERSHIP"
+            )
+        if member.role != Role.OWNER:
+            raise Forbidden("only the group's owner can change its members")
+        return session, member
+
+    async def _announce(
+        self, session_id: str, name: str, user_id: str, when: datetime, **extra: str
+    ) -> None:
+        event = events.system_event(session_id, name, user_id, isoformat(when), **extra)
         await self.bus.publish(events.session_channel(session_id), events.encode(event))
+
+
+def _check_group(session: Session) -> None:
+    if session.kind != SessionKind.GROUP:
+        raise Conflict(
+            f"the membership of a {session.kind} session is fixed", code="FIXED_MEMBERSHIP"
+        )
 
 
 def _other_participants(creator: str, requested: list[str]) -> list[str]:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from chatservice.domain import (
@@ -303,6 +303,46 @@ class SessionStore:
                     )
                 ).scalar_one()
             )
+
+    async def add_participants(
+        self, session_id: str, user_ids: Sequence[str], now: datetime
+    ) -> list[str]:
+        """Add the users who are not members yet; returns those actually added."""
+        p = chat_participants
+        async with self.db.write() as conn:
+            present = set(
+                (
+                    await conn.execute(
+                        select(p.c.user_id).where(
+                            p.c.session_id == session_id, p.c.user_id.in_(list(user_ids))
+                        )
+                    )
+                ).scalars()
+            )
+            added = [uid for uid in user_ids if uid not in present]
+            if added:
+                await conn.execute(
+                    insert(p),
+                    [
+                        {
+                            "session_id": session_id,
+                            "user_id": uid,
+                            "role": "member",
+                            "joined_at": now,
+                            "last_read_seq": 0,
+                        }
+                        for uid in added
+                    ],
+                )
+        return added
+
+    async def remove_participant(self, session_id: str, user_id: str) -> bool:
+        p = chat_participants
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                delete(p).where(p.c.session_id == session_id, p.c.user_id == user_id)
+            )
+        return bool(result.rowcount)
 
     async def unread_count(self, session_id: str, user_id: str, after_seq: int) -> int:
         m = chat_messages

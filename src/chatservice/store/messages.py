@@ -8,7 +8,14 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from chatservice.domain import WRITABLE_STATUSES, Cursor, Message, MessagePage, SessionStatus
+from chatservice.domain import (
+    WRITABLE_STATUSES,
+    Cursor,
+    Message,
+    MessagePage,
+    SessionStatus,
+    utcnow,
+)
 from chatservice.store.database import Database
 from chatservice.store.tables import chat_messages, chat_sessions
 
@@ -52,18 +59,19 @@ class MessageStore:
         The seq comes from `UPDATE chat_sessions SET last_seq = last_seq + 1 … RETURNING`
         in the same transaction as the INSERT: the row lock orders concurrent writers of
         one session, and a rollback gives the number back, so seqs have no gaps.
-        A `client_msg_id` the sender already used returns the original instead.
+        A `client_msg_id` the sender already used returns the original instead: the
+        unique constraint rejects the insert (rolling the seq back) and the original is
+        read, so the common case costs no extra lookup.
         """
-        if message.client_msg_id is not None:
-            original = await self.by_client_msg_id(
-                message.session_id, message.sender_id, message.client_msg_id
-            )
-            if original is not None:
-                return original, False
         s = chat_sessions
         try:
             async with self.db.write() as conn:
-                seq = (
+                # The time is read once the session row is ours, so created_at follows seq
+                # order (time cursors and seq cursors must page the same history). On
+                # PostgreSQL the database clock is read after the lock wait; SQLite's
+                # writers are already serialised by the in-process write lock.
+                now: Any = utcnow() if self.db.is_sqlite else func.clock_timestamp()
+                row = (
                     await conn.execute(
                         update(s)
                         .where(
@@ -72,16 +80,17 @@ class MessageStore:
                         )
                         .values(
                             last_seq=s.c.last_seq + 1,
-                            updated_at=message.created_at,
+                            updated_at=now,
                             status=SessionStatus.ACTIVE.value,
-                            started_at=func.coalesce(s.c.started_at, message.created_at),
+                            started_at=func.coalesce(s.c.started_at, now),
                         )
-                        .returning(s.c.last_seq)
+                        .returning(s.c.last_seq, s.c.updated_at)
                     )
-                ).scalar_one_or_none()
-                if seq is None:
+                ).first()
+                if row is None:
                     raise SessionNotWritable(message.session_id)
-                message.seq = seq
+                seq = message.seq = row.last_seq
+                message.created_at = row.updated_at
                 await conn.execute(
                     insert(chat_messages).values(
                         session_id=message.session_id,
@@ -99,7 +108,6 @@ class MessageStore:
                     )
                 )
         except IntegrityError:
-            # A concurrent retry with the same client_msg_id won the race.
             if message.client_msg_id is not None:
                 original = await self.by_client_msg_id(
                     message.session_id, message.sender_id, message.client_msg_id

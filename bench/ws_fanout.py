@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""WebSocket fan-out benchmark: rooms × members, one windowed sender per room.
+"""WebSocket fan-out benchmark: rooms x members, one windowed sender per room.
 
     .venv/bin/python bench/ws_fanout.py --backend sqlite|postgres|both \
         [--rooms 10 --members 50 --window 20 --duration 10]
@@ -8,7 +8,7 @@ What it does, for each backend:
 
 1. Starts its own `chat-service serve` on a free 127.0.0.1 port with a fixed
    JWT_SECRET_KEY (so it mints tokens itself with `chatservice.auth.TokenCodec`),
-   LOG_LEVEL=WARNING and WS_MAX_CONNECTIONS raised above rooms × members. SQLite lives in a
+   LOG_LEVEL=WARNING and WS_MAX_CONNECTIONS raised above rooms x members. SQLite lives in a
    temporary DATA_DIR; PostgreSQL gets a fresh database (created with asyncpg on
    BENCH_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/test, migrated with
    `chat-service migrate`, dropped at the end).
@@ -21,10 +21,10 @@ What it does, for each backend:
    (with a `client_msg_id`) as fast as a window of `--window` unacknowledged messages
    allows; a message is acknowledged when the sender receives its own echo. Each message
    carries its send time (`metadata.t`, wall clock in µs) so every receiver measures the
-   delivery latency (receive time − send time; all processes share the machine's clock).
+   delivery latency (receive time - send time; all processes share the machine's clock).
 4. When the time is up it stops sending, waits (bounded by `--drain-timeout`) for the
    senders' windows and every receiver to drain, and prints: messages sent, deliveries
-   expected (sent × members: the sender's own echo counts), deliveries received, delivered
+   expected (sent x members: the sender's own echo counts), deliveries received, delivered
    messages/s, p50/p99 delivery latency, lost deliveries, and whether every connection got
    its room's messages with seq 1, 2, 3, … (strictly increasing, no gap, no duplicate).
    It cross-checks over REST that each room stores exactly the number of messages sent,
@@ -67,8 +67,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any, TypeVar
@@ -116,6 +117,52 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (Linux /proc/stat), 0.0 when unreadable."""
+    try:
+        with open("/proc/stat") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds of every process on the machine, by pid, with its command name."""
+    found: dict[int, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        found[int(entry)] = (name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return found
+
+
+def top_outsiders(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    ours: set[int],
+    elapsed: float,
+) -> str:
+    """The three busiest processes that are not part of this run, as `name(pid) share`."""
+    used = [
+        (cpu - before.get(pid, (name, 0.0))[1], name, pid)
+        for pid, (name, cpu) in after.items()
+        if pid not in ours
+    ]
+    used.sort(reverse=True)
+    return ", ".join(
+        f"{name}({pid}) {seconds / elapsed:.0%}" for seconds, name, pid in used[:3] if seconds > 0
+    )
+
+
 def percentile(sorted_values: list[int], q: float) -> float:
     """Nearest-rank percentile of already sorted values."""
     if not sorted_values:
@@ -142,8 +189,13 @@ async def pipe_recv(pipe: Pipe, timeout: float) -> Any:
     """Receive one object from a multiprocessing pipe without blocking the event loop."""
     if not pipe.poll():
         loop = asyncio.get_running_loop()
-        readable = loop.create_future()
-        loop.add_reader(pipe.fileno(), lambda: readable.done() or readable.set_result(None))
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(pipe.fileno(), wake)
         try:
             await asyncio.wait_for(readable, timeout)
         finally:
@@ -178,9 +230,29 @@ class Server:
         except OSError:
             return ""
 
+    def errors(self) -> list[str]:
+        """ERROR/CRITICAL lines of the (JSON) server log, shortened to one line each."""
+        found: list[str] = []
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return found
+        for line in lines:
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("level") in ("ERROR", "CRITICAL"):
+                exc = str(record.get("exception") or "").strip().splitlines()
+                text = str(record.get("message", "")).strip()
+                found.append(f"{text} {exc[-1] if exc else ''}".strip()[:300])
+        return found
+
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
+            # SIGINT, like Ctrl-C: uvicorn shuts down gracefully and re-raises it, so a
+            # profiled server still writes its profile (SIGTERM would end it silently).
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(SERVER_STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -203,12 +275,16 @@ def server_env(workdir: Path, database_url: str | None, max_connections: int) ->
     return env
 
 
-def start_server(workdir: Path, env: dict[str, str]) -> Server:
+def start_server(workdir: Path, env: dict[str, str], profile: Path | None = None) -> Server:
     port = free_port()
     log_path = workdir / "server.log"
+    command = [sys.executable, "-m", "chatservice.cli", "serve"]
+    command += ["--host", HOST, "--port", str(port)]
+    if profile is not None:  # cProfile of the server's event-loop thread, written at exit
+        command[1:1] = ["-m", "cProfile", "-o", str(profile)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "chatservice.cli", "serve", "--host", HOST, "--port", str(port)],
+            command,
             env=env,
             cwd=workdir,  # no stray `.env` from wherever the script is started
             stdout=log,
@@ -234,7 +310,7 @@ def _database_url(name: str) -> str:
 
 
 async def _admin(sql: str) -> None:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
     try:
@@ -461,6 +537,9 @@ class Sender:
     sent: int = 0
     pending: set[str] = field(default_factory=set)
     latencies: list[int] = field(default_factory=list)
+    # For the sender's own echoes: (server timestamp - send time, echo - server timestamp)
+    # in µs; the server stamps a message just before storing it.
+    split: list[tuple[int, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     last_ns: int = 0
     done_sending: bool = False
@@ -490,6 +569,9 @@ async def sender_reader(sender: Sender) -> None:
             if frame.get("sender_id") == sender.user_id and ref in sender.pending:
                 sender.pending.discard(ref)
                 sender.window.release()
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    stamped = int(datetime.fromisoformat(frame["timestamp"]).timestamp() * 1e6)
+                    sender.split.append((stamped - meta["t"], received // 1000 - stamped))
         elif kind == "error":
             sender.errors.append(f"{frame.get('code')}: {frame.get('message')}")
             ref = frame.get("client_msg_id")
@@ -550,6 +632,17 @@ class Result:
     send_errors: int = 0
     problems: list[str] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
+    machine_busy: float = 0.0  # cores busy, whole machine (PostgreSQL included)
+    server_errors: int = 0
+    busy_before: float = 0.0  # cores busy in the second before sending started
+    outsiders: str = ""  # the busiest other processes while sending
+    to_server_p50_ms: float = math.nan
+    server_to_echo_p50_ms: float = math.nan
+
+    @property
+    def others(self) -> float:
+        """Cores busy outside this benchmark's processes while it was sending."""
+        return max(0.0, self.machine_busy - sum(self.cpu.values()))
 
     @property
     def lost(self) -> int:
@@ -596,7 +689,13 @@ class Result:
             f"lost deliveries:          {self.lost}",
             f"order check:              {order}",
             f"stored (REST total):      {self.stored} of {self.sent} sent",
+            f"sender echo, p50:         send -> server timestamp {self.to_server_p50_ms:.1f} ms, "
+            f"server timestamp -> echo {self.server_to_echo_p50_ms:.1f} ms",
             f"cpu during sending:       {cpu} (share of one core)",
+            f"machine (all processes):  {self.machine_busy:.2f} of {os.cpu_count()} cores busy "
+            f"while sending, {self.others:.2f} of them outside this benchmark; "
+            f"{self.busy_before:.2f} busy just before",
+            f"busiest other processes:  {self.outsiders or '-'}",
         ]
         if self.closed:
             lines.append(f"connections closed by the server: {self.closed}")
@@ -628,7 +727,9 @@ async def create_rooms(
     return rooms
 
 
-async def stored_counts(base_url: str, codec: TokenCodec, rooms: list[tuple[str, list[str]]]) -> int:
+async def stored_counts(
+    base_url: str, codec: TokenCodec, rooms: list[tuple[str, list[str]]]
+) -> int:
     total = 0
     for session_id, users in rooms:
         async with ChatClient(base_url, codec.issue(users[0]), timeout=30) as chat:
@@ -643,7 +744,37 @@ def _split(items: list[Member], parts: int) -> Iterator[list[Member]]:
             yield chunk
 
 
-async def bench(server: Server, backend: str, args: argparse.Namespace) -> Result:
+async def postgres_backend_pids(database: str) -> list[int]:
+    """PIDs of the PostgreSQL backends serving `database` (the server's pool)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1", database, timeout=5
+        )
+    finally:
+        await conn.close(timeout=5)
+    return [int(row["pid"]) for row in rows]
+
+
+async def quiet_machine(wait: float) -> float:
+    """Cores busy over the last two seconds; waits up to `wait` s for them to be < 0.25."""
+    deadline = time.monotonic() + wait
+    samples: list[float] = []
+    while True:
+        before = machine_busy_seconds()
+        await asyncio.sleep(1.0)
+        samples = [*samples[-1:], machine_busy_seconds() - before]
+        busy = sum(samples) / len(samples)
+        quiet = len(samples) == 2 and max(samples) < 0.25
+        if quiet or time.monotonic() >= deadline:
+            return busy
+
+
+async def bench(
+    server: Server, backend: str, args: argparse.Namespace, database: str | None
+) -> Result:
     result = Result(backend, args.rooms, args.members, args.window, args.duration)
     codec = TokenCodec(JWT_SECRET)
     run_id = uuid.uuid4().hex[:6]
@@ -692,6 +823,9 @@ async def bench(server: Server, backend: str, args: argparse.Namespace) -> Resul
             )
             await live.ping()
             await live.receive_until("pong", timeout=PING_TIMEOUT)
+        # Read from now on: a connection nobody reads stops reading its socket after a few
+        # frames (websockets' max_queue), then misses its keepalive pongs and is closed.
+        reader_tasks = [asyncio.create_task(sender_reader(s)) for s in senders]
 
         connect_timeout = 60 + len(receivers) / max(1, args.connect_batch) * 15
         for worker in workers:
@@ -711,19 +845,27 @@ async def bench(server: Server, backend: str, args: argparse.Namespace) -> Resul
         )
 
         loop = asyncio.get_running_loop()
+        result.busy_before = await quiet_machine(args.wait_quiet)
         pids = {"server": server.process.pid, "senders": os.getpid()}
         pids.update({f"receivers{i or ''}": w.process.pid or 0 for i, w in enumerate(workers)})
+        pg_pids = await postgres_backend_pids(database) if database else []
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        pg_before = sum(cpu_seconds(pid) for pid in pg_pids)
+        everyone_before = process_cpu()
+        machine_before = machine_busy_seconds()
         start_ns = time.time_ns()
         start = loop.time()
         end_at = start + args.duration
-        reader_tasks = [asyncio.create_task(sender_reader(s)) for s in senders]
         await asyncio.gather(*(sender_writer(s, end_at) for s in senders))
         send_elapsed = loop.time() - start
         cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        result.cpu = {
-            name: (cpu_after[name] - cpu_before[name]) / send_elapsed for name in pids
-        }
+        result.cpu = {name: (cpu_after[name] - cpu_before[name]) / send_elapsed for name in pids}
+        result.machine_busy = (machine_busy_seconds() - machine_before) / send_elapsed
+        ours = {*pids.values(), *pg_pids}
+        result.outsiders = top_outsiders(everyone_before, process_cpu(), ours, send_elapsed)
+        if pg_pids:
+            pg_after = sum(cpu_seconds(pid) for pid in pg_pids)
+            result.cpu["postgres"] = (pg_after - pg_before) / send_elapsed
         result.send_seconds = send_elapsed
 
         # Drain the senders' windows (their own echoes), bounded.
@@ -747,6 +889,10 @@ async def bench(server: Server, backend: str, args: argparse.Namespace) -> Resul
             worker.pipe.send(("expect", expected_per_room, args.drain_timeout))
         latencies: list[int] = []
         last_ns = max((s.last_ns for s in senders), default=0)
+        split = [pair for s in senders for pair in s.split]
+        if split:
+            result.to_server_p50_ms = percentile(sorted(a for a, _ in split), 0.5) / 1000
+            result.server_to_echo_p50_ms = percentile(sorted(b for _, b in split), 0.5) / 1000
         for s in senders:
             latencies.extend(s.latencies)
             result.received += s.tally.count
@@ -809,15 +955,25 @@ def run_backend(backend: str, args: argparse.Namespace) -> Result:
         env = server_env(workdir, database_url, max(1000, 2 * args.rooms * args.members))
         if database_url:
             migrate_postgres(workdir, env)
-        server = start_server(workdir, env)
+        profile = None
+        if args.server_profile:
+            profile = Path(f"{args.server_profile}.{backend}").resolve()
+        server = start_server(workdir, env, profile)
         try:
-            result = run_async(bench(server, backend, args))
+            result = run_async(bench(server, backend, args, database))
         except Exception:
+            errors = server.errors()
+            if errors:
+                print(f"server logged {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
             if server.process.poll() is not None or args.verbose:
                 print(f"server log (tail):\n{server.log_tail()}", file=sys.stderr)
             raise
         if server.process.poll() is not None:
             result.problems.append(f"server exited with {server.process.returncode}")
+        errors = server.errors()
+        if errors:
+            result.server_errors = len(errors)
+            result.problems.append(f"server logged {len(errors)} errors, first: {errors[0]}")
         if args.verbose:
             print(f"server log (tail):\n{server.log_tail()}", file=sys.stderr)
         return result
@@ -838,12 +994,12 @@ def run_backend(backend: str, args: argparse.Namespace) -> Result:
 def summary_table(results: list[Result]) -> str:
     head = (
         "| backend | sent | expected | received | delivered msgs/s | p50 ms | p99 ms | lost "
-        "| order |\n|---|---:|---:|---:|---:|---:|---:|---:|---|"
+        "| order | other load (cores) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"
     )
     rows = [
         f"| {r.backend} | {r.sent} | {r.expected} | {r.received} | "
         f"{r.delivered_per_second:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.lost} | "
-        f"{'ok' if r.gaps == 0 and r.duplicates == 0 else 'FAILED'} |"
+        f"{'ok' if r.gaps == 0 and r.duplicates == 0 else 'FAILED'} | {r.others:.2f} |"
         for r in results
     ]
     return "\n".join([head, *rows])
@@ -861,7 +1017,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--drain-timeout", type=float, default=30.0, help="bound on waiting for the tail"
     )
-    parser.add_argument("--connect-batch", type=int, default=50, help="handshakes at a time")
+    parser.add_argument("--connect-batch", type=int, default=25, help="handshakes at a time")
     parser.add_argument("--receiver-procs", type=int, default=1, help="receiver processes")
     parser.add_argument(
         "--compression",
@@ -869,6 +1025,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="deflate",
         help="permessage-deflate on the receivers' connections (deflate = websockets' and "
         "browsers' default; the SDK senders always use the default)",
+    )
+    parser.add_argument(
+        "--server-profile",
+        metavar="PATH",
+        help="run the server under cProfile and write PATH.<backend> (slows the server; "
+        "for finding hot spots, not for figures)",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before sending, wait up to this long for the machine to be idle (other "
+        "processes skew the figures; the report shows how busy it was)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (server log)")
     parser.add_argument("--verbose", action="store_true", help="print the server log tail")
@@ -883,8 +1053,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
+    # Ctrl-C (even when started from a shell that ignores SIGINT in background jobs) and
+    # SIGTERM both end the run through KeyboardInterrupt: asyncio.Runner cancels the
+    # running bench, whose `finally` blocks close the connections and stop the receiver
+    # processes, then run_backend stops the server and drops the database.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def on_sigterm(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]

@@ -106,7 +106,12 @@ class Settings(BaseSettings):
 
 
 def async_database_url(url: str) -> str:
-    """Pick the async driver for the URL forms users write (`postgresql://`, `sqlite:///`)."""
+    """Pick the async driver for the URL forms users write (`postgresql://`, `sqlite:///`).
+
+    libpq's `sslmode=` becomes asyncpg's `ssl=`, so a URL copied from elsewhere works.
+    """
+    if url.startswith(("postgresql", "postgres:")):
+        url = url.replace("sslmode=", "ssl=")
     for prefix, driver in (
         ("postgresql://", "postgresql+asyncpg://"),
         ("postgres://", "postgresql+asyncpg://"),

@@ -32,6 +32,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """An aware UTC time; SQLite hands back naive times that are UTC by construction."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
 def isoformat(moment: datetime | None) -> str | None:
     """ISO 8601 with a `Z`, as the seed's examples write times; naive times are UTC."""
     if moment is None:

@@ -34,7 +34,11 @@ async def test_send_answers_201_with_id_seq_status_and_time(
     response = await http.post(
         f"{API}/sessions/{sid}/messages",
         headers=alice.headers,
-        json={"content": "제품 반품 문의입니다.", "message_type": "text", "metadata": {"device": "web"}},
+        json={
+            "content": "제품 반품 문의입니다.",
+            "message_type": "text",
+            "metadata": {"device": "web"},
+        },
     )
     assert response.status_code == 201, response.text
     body = response.json()
@@ -143,6 +147,11 @@ async def test_paging_by_seq(users: Users) -> None:
     window = await c.list_messages(sid, limit=50, after=3, before=7)
     assert seqs(window) == [4, 5, 6]
     assert window["total"] == 10
+    # In a window has_more looks forward, and stops at `before`.
+    part = await c.list_messages(sid, limit=2, after=3, before=7)
+    assert (seqs(part), part["has_more"]) == ([4, 5], True)
+    whole = await c.list_messages(sid, limit=3, after=3, before=7)
+    assert (seqs(whole), whole["has_more"]) == ([4, 5, 6], False)
 
 
 async def test_paging_by_timestamp(users: Users) -> None:
@@ -209,3 +218,31 @@ async def test_read_watermark_drives_unread_count(users: Users) -> None:
     # Alice's watermark is her own.
     [alice_entry] = (await alice.client.list_sessions())["sessions"]
     assert alice_entry["unread_count"] == 1
+
+
+async def test_concurrent_senders_get_gap_free_seqs(users: Users) -> None:
+    people = [users(f"p{i}") for i in range(8)]
+    sid = (
+        await people[0].client.create_session(
+            title="crowd", participants=[p.id for p in people[1:]]
+        )
+    )["session_id"]
+    per_person = 15
+
+    async def send_all(person: User) -> list[int]:
+        return [
+            (await person.client.send_message(sid, f"{person.id} {i}"))["seq"]
+            for i in range(per_person)
+        ]
+
+    results = await asyncio.gather(*(send_all(p) for p in people))
+    total = len(people) * per_person
+    assert sorted(seq for got in results for seq in got) == list(range(1, total + 1))
+    for got in results:  # each sender's own messages are in the order it sent them
+        assert got == sorted(got)
+    history = await people[0].client.history(sid)
+    assert [m["seq"] for m in history] == list(range(1, total + 1))
+    for person, got in zip(people, results, strict=True):
+        mine = [m for m in history if m["sender_id"] == person.id]
+        assert [m["seq"] for m in mine] == got
+        assert [m["content"] for m in mine] == [f"{person.id} {i}" for i in range(per_person)]

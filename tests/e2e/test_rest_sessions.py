@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -42,7 +42,12 @@ async def test_create_group_session_201_with_seed_fields(
     response = await http.post(
         f"{API}/sessions",
         headers=alice.headers,
-        json={"title": "Team", "metadata": {"purpose": "planning"}, "participants": [bob.id]},
+        json={
+            "title": "Team",
+            "metadata": {"purpose": "planning"},
+            # The creator and repeats are folded in: each member once.
+            "participants": [bob.id, alice.id, bob.id],
+        },
     )
     assert response.status_code == 201, response.text
     body = response.json()
@@ -113,6 +118,8 @@ async def test_list_has_total_has_more_and_pages_with_offset(users: Users) -> No
     page1 = await alice.client.list_sessions(limit=2, offset=0)
     page2 = await alice.client.list_sessions(limit=2, offset=2)
     page3 = await alice.client.list_sessions(limit=2, offset=4)
+    beyond = await alice.client.list_sessions(limit=2, offset=10)
+    assert (beyond["sessions"], beyond["total"], beyond["has_more"]) == ([], 5, False)
     assert page1["total"] == page2["total"] == page3["total"] == 5
     assert (page1["has_more"], page2["has_more"], page3["has_more"]) == (True, True, False)
     assert [len(p["sessions"]) for p in (page1, page2, page3)] == [2, 2, 1]
@@ -158,9 +165,9 @@ async def test_list_agent_session_names_the_agent_and_filters(users: Users) -> N
 
 async def test_detail_shape(users: Users) -> None:
     alice, bob = users("alice"), users("bob")
-    sid = (
-        await alice.client.create_session(agent_id=1, title="Support", metadata={"p": "high"})
-    )["session_id"]
+    sid = (await alice.client.create_session(agent_id=1, title="Support", metadata={"p": "high"}))[
+        "session_id"
+    ]
     detail = await alice.client.get_session(sid)
     assert detail["session_id"] == sid
     assert detail["trace_id"].startswith("trace_")
@@ -199,13 +206,15 @@ async def test_delete_answers_seed_body_then_session_is_gone(
     assert response.json() == {"message": "Session archived successfully", "session_id": sid}
 
     for who in (alice, bob):
-        for method, path in (
-            ("GET", f"{API}/sessions/{sid}"),
-            ("GET", f"{API}/sessions/{sid}/messages"),
-            ("POST", f"{API}/sessions/{sid}/end"),
-            ("DELETE", f"{API}/sessions/{sid}"),
+        for method, path, body in (
+            ("GET", f"{API}/sessions/{sid}", None),
+            ("GET", f"{API}/sessions/{sid}/messages", None),
+            ("POST", f"{API}/sessions/{sid}/messages", {"content": "anyone?"}),
+            ("POST", f"{API}/sessions/{sid}/read", {"seq": 1}),
+            ("POST", f"{API}/sessions/{sid}/end", None),
+            ("DELETE", f"{API}/sessions/{sid}", None),
         ):
-            gone = await http.request(method, path, headers=who.headers)
+            gone = await http.request(method, path, headers=who.headers, json=body)
             assert gone.status_code == 404, (method, path, gone.text)
             assert gone.json()["error"]["code"] in ("NOT_FOUND", "SESSION_NOT_FOUND")
         listed = await who.client.list_sessions()
@@ -260,3 +269,57 @@ async def test_end_archives_with_ended_at_and_duration(users: Users) -> None:
     assert parse_time(again["ended_at"]) == ended_at
     history = await alice.client.history(sid)
     assert [m["content"] for m in history] == ["starting"]
+
+
+async def test_scheduled_session_becomes_active_on_the_first_message(users: Users) -> None:
+    alice, bob = users("alice"), users("bob")
+    later = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    created = await alice.client.create_session(
+        title="consultation", participants=[bob.id], scheduled_at=later
+    )
+    sid = created["session_id"]
+    assert created["status"] == "scheduled"
+    assert created["started_at"] is None
+    scheduled = await bob.client.list_sessions(status="scheduled")
+    assert [s["session_id"] for s in scheduled["sessions"]] == [sid]
+
+    sent = await bob.client.send_message(sid, "I'm early")
+    detail = await alice.client.get_session(sid)
+    assert detail["status"] == "active"
+    assert detail["started_at"] == sent["created_at"]
+    assert (await bob.client.list_sessions(status="scheduled"))["total"] == 0
+
+    # A scheduled time in the past is simply an active session.
+    past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    assert (await alice.client.create_session(title="p", scheduled_at=past))["status"] == "active"
+
+
+async def test_list_puts_the_most_recent_activity_first(users: Users) -> None:
+    alice = users("alice")
+    first = (await alice.client.create_session(title="first"))["session_id"]
+    second = (await alice.client.create_session(title="second"))["session_id"]
+    listed = await alice.client.list_sessions()
+    assert [s["session_id"] for s in listed["sessions"]] == [second, first]
+    sent = await alice.client.send_message(first, "bump")
+    listed = await alice.client.list_sessions()
+    assert [s["session_id"] for s in listed["sessions"]] == [first, second]
+    assert listed["sessions"][0]["last_message_at"] == sent["created_at"]
+    assert listed["sessions"][1]["last_message"] is None
+    assert listed["sessions"][1]["last_message_at"] is None
+
+
+async def test_who_may_end_a_session(users: Users) -> None:
+    alice, bob = users("alice"), users("bob")
+    group = (await alice.client.create_session(title="g", participants=[bob.id]))["session_id"]
+    with pytest.raises(ChatAPIError) as err:
+        await bob.client.end_session(group)
+    assert err.value.status == 403
+    assert (await alice.client.get_session(group))["status"] == "active"
+    # In a direct conversation either side may end it.
+    direct = (await alice.client.create_session(kind="direct", participants=[bob.id]))["session_id"]
+    assert (await bob.client.end_session(direct))["status"] == "archived"
+    # An archived session can still be deleted by its owner.
+    await alice.client.delete_session(direct)
+    with pytest.raises(ChatAPIError) as err:
+        await alice.client.get_session(direct)
+    assert err.value.status == 404

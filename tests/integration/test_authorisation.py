@@ -54,7 +54,5 @@ async def test_an_unknown_session_is_not_found(parts: Components, operation: str
 async def test_a_non_participant_sees_nothing_in_the_session_list(parts: Components) -> None:
     alice, mallory = users(2)
     await group(parts, alice)
-    page, total = await parts.sessions.list(
-        mallory, status=None, agent_id=None, limit=50, offset=0
-    )
+    page, total = await parts.sessions.list(mallory, status=None, agent_id=None, limit=50, offset=0)
     assert (page, total) == ([], 0)

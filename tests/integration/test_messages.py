@@ -34,7 +34,11 @@ async def test_a_stored_message_keeps_what_was_sent(parts: Components) -> None:
     result = await parts.messages.send(
         alice,
         sid,
-        Draft(content="안녕하세요 👋 hello", metadata={"reply_to": 3, "tags": ["x"]}, client_msg_id="c-1"),
+        Draft(
+            content="안녕하세요 👋 hello",
+            metadata={"reply_to": 3, "tags": ["x"]},
+            client_msg_id="c-1",
+        ),
     )
     assert result.created is True
     sent = result.message

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -10,7 +10,7 @@ from chatservice.components import Components
 from chatservice.domain import Message, Principal, isoformat
 from chatservice.services.errors import InvalidInput
 from chatservice.services.messages import MAX_PAGE, Draft
-from tests.integration.helpers import group, users
+from tests.integration.helpers import as_utc, group, users
 
 
 @pytest.fixture
@@ -24,6 +24,13 @@ async def history(parts: Components) -> tuple[Principal, str, list[Message]]:
         sent.append((await parts.messages.send(who, sid, Draft(content=f"m{i}"))).message)
     assert [m.seq for m in sent] == list(range(1, 11))
     return bob, sid, sent
+
+
+def sent_at(history: tuple[Principal, str, list[Message]], index: int) -> datetime:
+    """When the message at `index` was stored, as an aware UTC time."""
+    moment = as_utc(history[2][index].created_at)
+    assert moment is not None
+    return moment
 
 
 async def seqs(
@@ -98,7 +105,7 @@ async def test_before_and_after_together_give_the_window_between(
 async def test_time_cursors_with_z_and_with_offset(
     parts: Components, history: tuple[Principal, str, list[Message]]
 ) -> None:
-    fifth = history[2][4].created_at.astimezone(UTC)
+    fifth = sent_at(history, 4)
     with_z = isoformat(fifth)
     assert with_z is not None and with_z.endswith("Z")
     with_offset = fifth.isoformat()
@@ -113,7 +120,7 @@ async def test_time_cursors_with_z_and_with_offset(
 async def test_time_cursor_in_another_zone_means_the_same_instant(
     parts: Components, history: tuple[Principal, str, list[Message]]
 ) -> None:
-    fifth = history[2][4].created_at.astimezone(UTC)
+    fifth = sent_at(history, 4)
     seoul = fifth.astimezone(timezone(timedelta(hours=9)))
     stamp = seoul.isoformat()
     assert stamp.endswith("+09:00")
@@ -123,15 +130,15 @@ async def test_time_cursor_in_another_zone_means_the_same_instant(
 async def test_time_cursor_whose_plus_became_a_space_in_a_query_string(
     parts: Components, history: tuple[Principal, str, list[Message]]
 ) -> None:
-    stamp = history[2][4].created_at.astimezone(UTC).isoformat().replace("+", " ")
+    stamp = sent_at(history, 4).isoformat().replace("+", " ")
     assert await seqs(parts, history, after=stamp) == ([6, 7, 8, 9, 10], False, 10)
 
 
 async def test_time_cursors_outside_the_history(
     parts: Components, history: tuple[Principal, str, list[Message]]
 ) -> None:
-    first = history[2][0].created_at.astimezone(UTC)
-    last = history[2][-1].created_at.astimezone(UTC)
+    first = sent_at(history, 0)
+    last = sent_at(history, -1)
     earlier = isoformat(first - timedelta(days=1))
     later = isoformat(last + timedelta(days=1))
     assert await seqs(parts, history, after=earlier, limit=4) == ([1, 2, 3, 4], True, 10)
@@ -146,8 +153,9 @@ async def test_an_invalid_cursor_is_rejected(
     parts: Components, history: tuple[Principal, str, list[Message]], cursor: str, side: str
 ) -> None:
     who, sid, _ = history
+    bounds: dict[str, str | None] = {"before": None, "after": None, side: cursor}
     with pytest.raises(InvalidInput):
-        await parts.messages.page(who, sid, limit=10, **{"before": None, "after": None, side: cursor})
+        await parts.messages.page(who, sid, limit=10, **bounds)
 
 
 async def test_an_empty_cursor_means_no_cursor(

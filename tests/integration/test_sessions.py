@@ -199,6 +199,25 @@ async def test_direct_pair_can_talk_again_after_their_session_was_deleted(
     assert second.session.status == "active"
 
 
+async def test_an_ended_direct_session_is_not_reused_for_the_pair(parts: Components) -> None:
+    """Ending makes a session read-only; the pair's next conversation is a new session."""
+    alice, bob = users(2)
+    first, _ = await parts.sessions.create(
+        alice, NewSession(kind="direct", participants=[bob.user_id])
+    )
+    await parts.sessions.end(alice, first.session.session_id)
+    second, created = await parts.sessions.create(
+        alice, NewSession(kind="direct", participants=[bob.user_id])
+    )
+    assert created is True
+    assert second.session.session_id != first.session.session_id
+    again, created_again = await parts.sessions.create(
+        bob, NewSession(kind="direct", participants=[alice.user_id])
+    )
+    assert created_again is False
+    assert again.session.session_id == second.session.session_id
+
+
 # -- scheduled sessions -------------------------------------------------------------------
 
 
@@ -277,9 +296,7 @@ async def test_list_pages_with_limit_offset_and_total(parts: Components) -> None
     assert len(seen) == 5
     # Newest activity first: nothing was sent, so the newest created comes first.
     assert seen == list(reversed(created))
-    beyond, total = await parts.sessions.list(
-        alice, status=None, agent_id=None, limit=2, offset=10
-    )
+    beyond, total = await parts.sessions.list(alice, status=None, agent_id=None, limit=2, offset=10)
     assert (beyond, total) == ([], 5)
 
 
@@ -422,6 +439,10 @@ async def test_deleted_session_answers_not_found_and_leaves_every_list(
             await parts.messages.page(who, sid, before=None, after=None, limit=10)
         with pytest.raises(NotFound):
             await parts.messages.send(who, sid, Draft(content="anyone?"))
+        with pytest.raises(NotFound):
+            await parts.sessions.mark_read(who, sid, 1)
+        with pytest.raises(NotFound):
+            await parts.sessions.end(who, sid)
         for status in (None, "active", "archived", "scheduled"):
             page, total = await parts.sessions.list(
                 who, status=status, agent_id=None, limit=50, offset=0

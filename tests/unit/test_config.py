@@ -18,6 +18,7 @@ def settings(**values: object) -> Settings:
         ("postgresql://u:p@db:5432/chat", "postgresql+asyncpg://u:p@db:5432/chat"),
         ("postgres://u@db/chat", "postgresql+asyncpg://u@db/chat"),
         ("postgresql+asyncpg://u@db/chat", "postgresql+asyncpg://u@db/chat"),
+        ("postgresql://u@db/chat?sslmode=require", "postgresql+asyncpg://u@db/chat?ssl=require"),
         ("sqlite:////var/lib/chat.db", "sqlite+aiosqlite:////var/lib/chat.db"),
         ("sqlite+aiosqlite:///x.db", "sqlite+aiosqlite:///x.db"),
     ],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
@@ -14,6 +13,7 @@ from chatservice.domain import (
     Message,
     MessagePage,
     SessionStatus,
+    as_utc,
     utcnow,
 )
 from chatservice.store.database import Database
@@ -43,10 +43,6 @@ def message_from_row(row: Any) -> Message:
         tokens_used=row.tokens_used,
         latency_ms=row.latency_ms,
     )
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.astimezone(UTC)
 
 
 class MessageStore:
@@ -90,7 +86,7 @@ class MessageStore:
                 if row is None:
                     raise SessionNotWritable(message.session_id)
                 seq = message.seq = row.last_seq
-                message.created_at = row.updated_at
+                message.created_at = as_utc(row.updated_at)
                 await conn.execute(
                     insert(chat_messages).values(
                         session_id=message.session_id,
@@ -159,7 +155,7 @@ class MessageStore:
             if cursor.seq is not None:
                 conditions.append(m.c.seq > cursor.seq if newer else m.c.seq < cursor.seq)
             elif cursor.moment is not None:
-                moment = _utc(cursor.moment)
+                moment = as_utc(cursor.moment)
                 conditions.append(m.c.created_at > moment if newer else m.c.created_at < moment)
         # Walking forward only when the caller gave `after`; otherwise newest first.
         forward = after is not None

@@ -7,14 +7,16 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from chatservice.domain import (
+    WRITABLE_STATUSES,
     Agent,
     Participant,
     Session,
     SessionDetail,
-    SessionStatus,
     SessionSummary,
 )
 from chatservice.store.database import Database
@@ -109,10 +111,7 @@ class SessionStore:
         async with self.db.read() as conn:
             row = (
                 await conn.execute(
-                    select(chat_sessions).where(
-                        chat_sessions.c.direct_key == direct_key,
-                        chat_sessions.c.status != SessionStatus.DELETED.value,
-                    )
+                    select(chat_sessions).where(chat_sessions.c.direct_key == direct_key)
                 )
             ).first()
         return session_from_row(row) if row else None
@@ -269,6 +268,10 @@ class SessionStore:
         values: dict[str, Any] = {"status": status, "updated_at": now}
         if ended:
             values["ended_at"] = now
+        if status not in WRITABLE_STATUSES:
+            # A direct pair has one *live* session; once it ends or is deleted the pair may
+            # start a new one, so the key moves on.
+            values["direct_key"] = None
         async with self.db.write() as conn:
             row = (
                 await conn.execute(
@@ -309,32 +312,28 @@ class SessionStore:
     ) -> list[str]:
         """Add the users who are not members yet; returns those actually added."""
         p = chat_participants
-        async with self.db.write() as conn:
-            present = set(
-                (
-                    await conn.execute(
-                        select(p.c.user_id).where(
-                            p.c.session_id == session_id, p.c.user_id.in_(list(user_ids))
-                        )
-                    )
-                ).scalars()
+        dialect_insert = sqlite_insert if self.db.is_sqlite else pg_insert
+        statement = (
+            dialect_insert(p)
+            .values(
+                [
+                    {
+                        "session_id": session_id,
+                        "user_id": uid,
+                        "role": "member",
+                        "joined_at": now,
+                        "last_read_seq": 0,
+                    }
+                    for uid in user_ids
+                ]
             )
-            added = [uid for uid in user_ids if uid not in present]
-            if added:
-                await conn.execute(
-                    insert(p),
-                    [
-                        {
-                            "session_id": session_id,
-                            "user_id": uid,
-                            "role": "member",
-                            "joined_at": now,
-                            "last_read_seq": 0,
-                        }
-                        for uid in added
-                    ],
-                )
-        return added
+            # Concurrent adds of the same person: one wins, the others add nobody.
+            .on_conflict_do_nothing()
+            .returning(p.c.user_id)
+        )
+        async with self.db.write() as conn:
+            inserted = set((await conn.execute(statement)).scalars())
+        return [uid for uid in user_ids if uid in inserted]
 
     async def remove_participant(self, session_id: str, user_id: str) -> bool:
         p = chat_participants

@@ -1,0 +1,192 @@
+"""Redis pub/sub bus: the same contract as `bus/memory.py`, across instances.
+
+One pub/sub connection per instance carries every subscription; a reader task
+dispatches messages to the handlers. When Redis goes away the reader reconnects with
+exponential backoff and jitter, re-subscribes, and then tells its listeners
+(`on_reconnect`) so the hub can fetch from the database whatever was published while
+the link was down. Publishing while Redis is down still reaches this instance's own
+subscribers, and the caller is not failed: the message is already stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from chatservice.bus.base import Handler
+
+log = logging.getLogger(__name__)
+
+Reconnected = Callable[[], Awaitable[None]]
+
+SUBSCRIBE_TIMEOUT = 5.0
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+
+
+class RedisBus:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._handlers: dict[str, list[Handler]] = {}
+        self._pending: dict[str, list[asyncio.Future[None]]] = {}
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._reconnect_listeners: list[Reconnected] = []
+        self._closing = False
+        self.published = 0  # for the benchmark's commands-per-delivery figure
+
+    def on_reconnect(self, listener: Reconnected) -> None:
+        self._reconnect_listeners.append(listener)
+
+    async def start(self) -> None:
+        await self.redis.ping()  # fail start-up clearly when Redis is unreachable
+        self._pubsub = self.redis.pubsub()
+        self._reader = asyncio.create_task(self._read_forever(), name="redis-bus-reader")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        self._handlers.clear()
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        try:
+            await self.redis.publish(channel, data)
+            self.published += 1
+        except (RedisError, OSError) as exc:
+            log.warning("redis publish on %s failed (%s); delivering locally only", channel, exc)
+            self._dispatch(channel, data)
+
+    async def subscribe(self, channels: Sequence[str], handler: Handler) -> None:
+        new = [c for c in channels if c not in self._handlers]
+        for channel in channels:
+            self._handlers.setdefault(channel, []).append(handler)
+        if not new:
+            return
+        waits: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+        for channel in new:
+            future: asyncio.Future[None] = loop.create_future()
+            self._pending.setdefault(channel, []).append(future)
+            waits.append(future)
+        try:
+            await asyncio.wait_for(self._connected.wait(), SUBSCRIBE_TIMEOUT)
+            assert self._pubsub is not None
+            await self._pubsub.subscribe(*new)
+            await asyncio.wait_for(asyncio.gather(*waits), SUBSCRIBE_TIMEOUT)
+        except (TimeoutError, RedisError, OSError) as exc:
+            # The reader will subscribe everything in _handlers once Redis is back, and
+            # the hub then fills any gap from the database; the connection can proceed.
+            log.warning("subscribing to %s not confirmed yet: %s", new, exc or "timeout")
+        finally:
+            for channel, future in zip(new, waits, strict=True):
+                pending = self._pending.get(channel, [])
+                if future in pending:
+                    pending.remove(future)
+                if not pending:
+                    self._pending.pop(channel, None)
+
+    async def unsubscribe(self, channels: Sequence[str], handler: Handler) -> None:
+        gone = []
+        for channel in channels:
+            handlers = self._handlers.get(channel)
+            if handlers and handler in handlers:
+                handlers.remove(handler)
+                if not handlers:
+                    del self._handlers[channel]
+                    gone.append(channel)
+        if gone and self._pubsub is not None and self._connected.is_set():
+            try:
+                await self._pubsub.unsubscribe(*gone)
+            except (RedisError, OSError) as exc:
+                log.warning("unsubscribe from %s failed: %s", gone, exc)
+
+    def _dispatch(self, channel: str, data: bytes) -> None:
+        for handler in tuple(self._handlers.get(channel, ())):
+            try:
+                handler(channel, data)
+            except Exception:
+                log.exception("bus handler failed on %s", channel)
+
+    async def _read_forever(self) -> None:
+        delay = BACKOFF_FIRST
+        first = True
+        while not self._closing:
+            try:
+                await self._connect()
+                if not first:
+                    log.warning("redis bus reconnected")
+                    await self._notify_reconnected()
+                first = False
+                delay = BACKOFF_FIRST
+                await self._read()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self._connected.clear()
+                if self._closing:
+                    return
+                log.warning("redis bus connection lost (%s); retrying in %.1fs", exc, delay)
+                await self._reset_pubsub()
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, BACKOFF_MAX)
+                first = False
+
+    async def _connect(self) -> None:
+        assert self._pubsub is not None
+        await self._pubsub.connect()  # type: ignore[no-untyped-call]
+        channels = list(self._handlers)
+        if channels:
+            await self._pubsub.subscribe(*channels)
+        else:
+            await self._pubsub.ping()
+        self._connected.set()
+
+    async def _read(self) -> None:
+        assert self._pubsub is not None
+        pubsub = self._pubsub
+        while True:
+            message: dict[str, Any] | None = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            kind = message["type"]
+            channel = message["channel"]
+            if isinstance(channel, bytes):
+                channel = channel.decode()
+            if kind == "message":
+                self._dispatch(channel, message["data"])
+            elif kind == "subscribe":
+                for future in self._pending.get(channel, ()):
+                    if not future.done():
+                        future.set_result(None)
+
+    async def _reset_pubsub(self) -> None:
+        old = self._pubsub
+        self._pubsub = self.redis.pubsub()
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.aclose()  # type: ignore[no-untyped-call]
+
+    async def _notify_reconnected(self) -> None:
+        for listener in self._reconnect_listeners:
+            try:
+                await listener()
+            except Exception:
+                log.exception("reconnect listener failed")

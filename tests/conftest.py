@@ -137,6 +137,9 @@ def start_server(
         "DATA_DIR": str(data_dir),
         "JWT_SECRET_KEY": TEST_SECRET,
         "LOG_LEVEL": "INFO",
+        # Every test server shares one PostgreSQL (max_connections 100) with the others.
+        "DATABASE_POOL_SIZE": "5",
+        "DATABASE_MAX_OVERFLOW": "10",
     }
     env.pop("DEBUG", None)
     if database_url:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from typing import Annotated
@@ -47,6 +48,10 @@ def serve(
     if settings.is_sqlite:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         migrate.upgrade(settings.effective_database_url)
+    else:
+        problem = asyncio.run(_database_problem(settings))
+        if problem:
+            _fail(problem)
     limit = settings.ws_message_size_limit
     uvicorn.run(
         create_app(settings),
@@ -60,6 +65,32 @@ def serve(
     )
 
 
+async def _database_problem(settings: Settings) -> str | None:
+    """Why the configured database cannot serve yet, in one line; None when it can."""
+    from chatservice.store.database import Database, SchemaOutOfDate
+
+    database = Database(settings.effective_database_url, pool_size=1, max_overflow=0)
+    try:
+        await database.check_schema()
+    except SchemaOutOfDate as exc:
+        return str(exc)
+    except Exception as exc:  # unreachable server, bad credentials, unknown database
+        return f"cannot use the database at {_safe_url(settings.database_url)}: {exc}"
+    finally:
+        await database.close()
+    return None
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparseable URL)"
+
+
 @cli.command("migrate")
 def migrate_command() -> None:
     """Apply pending schema migrations to DATABASE_URL."""
@@ -71,7 +102,7 @@ def migrate_command() -> None:
     try:
         migrate.upgrade(settings.effective_database_url)
     except Exception as exc:
-        _fail(f"migration failed: {exc}")
+        _fail(f"migration of {_safe_url(settings.effective_database_url)} failed: {exc}")
     typer.echo(f"database at revision {migrate.head_revision()}")
 
 

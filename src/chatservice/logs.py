@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
 import orjson
+
+# Tokens travel in WebSocket URLs (`?token=`) and headers; whatever logs a URL or a
+# header (uvicorn does, for every WebSocket) must not put a credential in the log.
+_SECRETS = re.compile(r"(token=|access_token=|Bearer\s+)[^\s&\"']+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    return _SECRETS.sub(r"\1[redacted]", text)
 
 
 class JSONFormatter(logging.Formatter):
@@ -15,10 +24,10 @@ class JSONFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact(self.formatException(record.exc_info))
         return orjson.dumps(entry).decode()
 
 

@@ -121,9 +121,10 @@ async def test_token_from_cli_is_accepted_by_a_server_on_the_same_data_dir(
         # `serve` created and migrated the embedded SQLite database in DATA_DIR.
         assert (data_dir / "chat.db").exists()
         # --ttl: a short-lived token expires.
-        short = mint(data_dir, tmp_path, "carol", "--ttl", "1")
+        minted_at = time.monotonic()
+        short = mint(data_dir, tmp_path, "carol", "--ttl", "3")
         assert await accepted(server.base_url, short) == 200
-        await asyncio.sleep(2.1)
+        await asyncio.sleep(max(0.0, minted_at + 4.2 - time.monotonic()))
         assert await accepted(server.base_url, short) == 401
     finally:
         server.stop()

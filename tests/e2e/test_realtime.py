@@ -7,10 +7,11 @@ import json
 import time
 from typing import Any
 
+import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from chatservice.client import RealtimeConnection
+from chatservice.client import ChatAPIError, ConnectionClosed, RealtimeConnection
 from tests.conftest import ServerProcess
 from tests.e2e.conftest import (
     User,
@@ -447,6 +448,23 @@ async def test_ending_a_session_is_announced_and_it_becomes_read_only(users: Use
         # The connection is still usable for everything that is not a message.
         assert await sdk_barrier(b) == []
     assert await alice.client.history(sid) == []
+
+
+async def test_deleting_a_session_is_announced_to_connected_members(users: Users) -> None:
+    (alice, bob), sid = await _group(users, "alice", "bob")
+    async with bob.client.realtime(sid) as b:
+        await sdk_barrier(b)
+        await alice.client.delete_session(sid)
+        deleted = await b.receive_until("system")
+        assert (deleted["event"], deleted["user_id"]) == ("session_deleted", alice.id)
+        # Then the server closes the socket like a connect to a deleted session: 4404.
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await b.receive(5)
+        assert closed.value.code == 4404
+    with pytest.raises(ChatAPIError) as err:
+        await alice.client.history(sid)
+    assert err.value.status == 404
 
 
 async def test_sdk_iteration_ends_when_the_server_closes(users: Users) -> None:

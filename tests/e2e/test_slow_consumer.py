@@ -205,8 +205,8 @@ async def test_client_stalled_during_since_seq_replay_is_closed_with_4008(
                 seqs = [f["seq"] for f in frames if f.get("type") == "message"]
                 assert seqs == list(range(1, len(seqs) + 1))
                 assert len(seqs) < last
-                # The server lets go of it. Stuck in the replay, its handler only notices
-                # when the server's own close times out (uvicorn: 10 s), hence the wait.
+                # The server lets go of it. A handler waiting in the replay gives up after
+                # REPLAY_STALL_SECONDS (10 s, realtime/connection.py), hence the long wait.
                 await reader.wait_presence("user_left", slow, timeout=20)
                 reader.task.cancel()
             while sender.last_seq < last:  # read our echoes so the close is clean

@@ -50,7 +50,7 @@ async def connect(parts: Components) -> AsyncIterator[Connect]:
         opened.append(conn)
         await parts.hub.attach(conn)
         if live:
-            conn.go_live()
+            await conn.go_live()
         return conn, socket
 
     yield _connect
@@ -186,7 +186,7 @@ async def test_a_connection_holds_frames_until_it_goes_live(
         await send(parts, alice, sid, f"held {i}")
     await settle()
     assert socket.frames == []
-    conn.go_live()
+    await conn.go_live()
     await eventually(lambda: socket.seqs() == [1, 2, 3], "held frames after go_live")
 
 
@@ -452,7 +452,7 @@ async def test_replay_then_live_has_no_gap_and_no_duplicate_under_concurrent_sen
     at_start = await parts.messages.last_seq(sid)
     await replay(parts, conn, since_seq=10, page=10, between_pages=second_wave_lands)
     at_live = await parts.messages.last_seq(sid)
-    conn.go_live()
+    await conn.go_live()
     live.set()
     await sending
     assert during_replay.is_set()
@@ -476,7 +476,7 @@ async def test_replay_from_zero_sends_the_whole_history_then_live(
         await send(parts, alice, sid, f"h{i}")
     conn, socket = await connect(sid, alice, live=False)
     await replay(parts, conn, since_seq=0)
-    conn.go_live()
+    await conn.go_live()
     await send(parts, alice, sid, "live")
     await eventually(lambda: len(socket.seqs()) >= 6, "history and live")
     await settle()
@@ -492,7 +492,7 @@ async def test_replay_past_the_end_sends_only_live_messages(
         await send(parts, alice, sid, f"h{i}")
     conn, socket = await connect(sid, alice, live=False)
     await replay(parts, conn, since_seq=99)
-    conn.go_live()
+    await conn.go_live()
     await send(parts, alice, sid, "live")
     await eventually(lambda: bool(socket.seqs()), "the live message")
     await settle()

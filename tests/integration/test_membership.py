@@ -192,7 +192,7 @@ async def test_removal_closes_the_members_connections_after_telling_them(
         conn = new_connection(sid, who.user_id, socket)
         attached.append(conn)
         await parts.hub.attach(conn)
-        conn.go_live()
+        await conn.go_live()
         sockets[who.user_id] = socket
     await parts.sessions.remove_participant(alice, sid, bob.user_id)
     bob_socket, alice_socket = sockets[bob.user_id], sockets[alice.user_id]
@@ -216,7 +216,7 @@ async def test_deleting_closes_every_connection_after_telling_them(
         conn = new_connection(sid, who.user_id, socket)
         attached.append(conn)
         await parts.hub.attach(conn)
-        conn.go_live()
+        await conn.go_live()
         sockets.append(socket)
     await parts.sessions.delete(alice, sid)
     for socket in sockets:

@@ -42,7 +42,7 @@ async def test_frames_are_held_until_live_then_sent_in_order() -> None:
     conn.offer(None, "typing")
     await settle()
     assert peer.frames == []
-    conn.go_live()
+    await conn.go_live()
     conn.offer(2, "m2")
     await settle()
     assert peer.frames == ["m1", "typing", "m2"]
@@ -57,7 +57,7 @@ async def test_replayed_messages_are_not_sent_twice() -> None:
     conn.offer(3, "m3-live")
     for seq in (1, 2):
         await conn.replay(seq, f"m{seq}-db")
-    conn.go_live()
+    await conn.go_live()
     conn.offer(3, "m3-again")
     await settle()
     assert peer.frames == ["m1-db", "m2-db", "m3-live"]
@@ -67,7 +67,7 @@ async def test_replayed_messages_are_not_sent_twice() -> None:
 async def test_a_client_that_stops_reading_is_closed_as_slow() -> None:
     peer = Peer(stuck=True)
     conn = connection(peer, queue_size=4)
-    conn.go_live()
+    await conn.go_live()
     for seq in range(1, 10):
         conn.offer(seq, f"m{seq}")
     await settle()

@@ -47,7 +47,7 @@ async def join(hub: Hub, user: str) -> tuple[Connection, Recorder]:
     conn = Connection(f"c-{user}", "s1", user, recorder.send, recorder.close, 64)
     conn.start()
     await hub.attach(conn)
-    conn.go_live()
+    await conn.go_live()
     return conn, recorder
 
 

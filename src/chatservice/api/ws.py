@@ -55,7 +55,10 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
         await websocket.close(CLOSE_FORBIDDEN, "not a participant of this session")
         return
     since_raw = websocket.query_params.get("since_seq")
-    if since_raw is not None and not since_raw.isdigit():
+    # isascii: str.isdigit() also accepts digits like "²" that int() refuses.
+    if since_raw is not None and not (
+        since_raw.isascii() and since_raw.isdigit() and len(since_raw) <= 18
+    ):
         await websocket.close(CLOSE_BAD_REQUEST, "since_seq must be a non-negative integer")
         return
     if parts.hub.connection_count >= parts.settings.ws_max_connections:
@@ -75,7 +78,7 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
         await parts.hub.attach(conn)
         if since_raw is not None:
             await _replay(parts, conn, int(since_raw))
-        conn.go_live()
+        await conn.go_live()
         await _read_frames(parts, websocket, conn, principal, session)
     except WebSocketDisconnect:
         pass

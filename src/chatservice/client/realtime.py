@@ -59,7 +59,12 @@ class RealtimeConnection:
         return f"{base}/ws/{self.session_id}?{urlencode(query)}"
 
     async def connect(self) -> RealtimeConnection:
-        self._ws = await websockets.connect(self.url, max_size=self._max_size)
+        # A deep receive queue: with websockets' default of 16, a caller that leaves
+        # frames unread stops the socket being read, and close() then waits out its
+        # whole timeout because it cannot see the server's close frame.
+        self._ws = await websockets.connect(
+            self.url, max_size=self._max_size, max_queue=1024, close_timeout=2
+        )
         return self
 
     async def __aenter__(self) -> RealtimeConnection:
@@ -80,7 +85,10 @@ class RealtimeConnection:
     # -- sending --------------------------------------------------------------------------
 
     async def send_frame(self, frame: JSON) -> None:
-        await self._socket().send(orjson.dumps(frame).decode())
+        try:
+            await self._socket().send(orjson.dumps(frame).decode())
+        except _WSClosed as exc:
+            raise _closed(exc) from exc
 
     async def send_message(
         self, content: str, *, client_msg_id: str | None = None, metadata: JSON | None = None
@@ -109,10 +117,7 @@ class RealtimeConnection:
         try:
             raw = await asyncio.wait_for(self._socket().recv(), timeout)
         except _WSClosed as exc:
-            rcvd = exc.rcvd
-            raise ConnectionClosed(
-                rcvd.code if rcvd else None, rcvd.reason if rcvd else "connection lost"
-            ) from exc
+            raise _closed(exc) from exc
         frame: JSON = orjson.loads(raw)
         seq = frame.get("seq")
         if frame.get("type") in ("message", "stream_end") and isinstance(seq, int):
@@ -145,3 +150,8 @@ class RealtimeConnection:
         if self._ws is None:
             raise RuntimeError("not connected: use `async with` or `await connect()`")
         return self._ws
+
+
+def _closed(exc: _WSClosed) -> ConnectionClosed:
+    rcvd = exc.rcvd
+    return ConnectionClosed(rcvd.code if rcvd else None, rcvd.reason if rcvd else "connection lost")

@@ -37,7 +37,7 @@ class Connection:
     stops reading fills only its own queue; past the bound it is closed with
     CLOSE_SLOW_CONSUMER and recovers with `since_seq`.
 
-    Until `go_live`, offered frames are held back so a `since_seq` replay from the
+    Until `go_live` returns, offered frames are held back so a `since_seq` replay from the
     database can be sent first; `last_seq` then drops anything the replay covered.
     """
 
@@ -61,6 +61,7 @@ class Connection:
         self._limit = queue_size
         self._live = False
         self._held: list[tuple[int | None, str]] = []
+        self._gone = asyncio.Event()  # set once the connection is closing for any reason
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
 
@@ -88,16 +89,38 @@ class Connection:
         if self.closed or seq <= self.last_seq:
             return
         self.last_seq = seq
-        try:
-            await asyncio.wait_for(self._queue.put(text), REPLAY_STALL_SECONDS)
-        except TimeoutError:
-            self.kill(CLOSE_SLOW_CONSUMER, "client did not read its replay")
+        await self._put(text)
 
-    def go_live(self) -> None:
-        held, self._held = self._held, []
+    async def go_live(self) -> None:
+        """Send what was held back during the replay, then deliver as events come."""
+        while self._held and not self.closed:
+            held, self._held = self._held, []
+            for seq, text in held:
+                if seq is not None:
+                    if seq <= self.last_seq:
+                        continue
+                    self.last_seq = seq
+                await self._put(text)
+        # No await between the last check of _held and here: nothing can slip in.
         self._live = True
-        for seq, text in held:
-            self.offer(seq, text)
+
+    async def _put(self, text: str) -> None:
+        try:
+            self._queue.put_nowait(text)
+            return
+        except asyncio.QueueFull:
+            pass
+        # A replay may be longer than the queue: wait for room, but stop at once if the
+        # connection closes, and give up on a client that reads nothing for too long.
+        put = asyncio.ensure_future(self._queue.put(text))
+        gone = asyncio.ensure_future(self._gone.wait())
+        done, _ = await asyncio.wait(
+            {put, gone}, timeout=REPLAY_STALL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+        )
+        put.cancel()
+        gone.cancel()
+        if put not in done:
+            self.kill(CLOSE_SLOW_CONSUMER, "client did not read its replay")
 
     def send_nowait(self, text: str) -> None:
         try:
@@ -109,7 +132,7 @@ class Connection:
         """Close from inside a synchronous call path (the hub's fan-out)."""
         if self.closed:
             return
-        self.closed = True
+        self._mark_closed()
         log.info("closing connection %s: %s", self.conn_id, reason)
         self._closer = asyncio.create_task(self._close_quietly(code, reason))
 
@@ -117,7 +140,7 @@ class Connection:
         """Close after the frames already queued are written (e.g. "you were removed")."""
         if self.closed:
             return
-        self.closed = True
+        self._mark_closed()
         self._closer = asyncio.create_task(self._close_after_drain(code, reason))
 
     async def _close_after_drain(self, code: int, reason: str) -> None:
@@ -126,12 +149,19 @@ class Connection:
         await self._close_quietly(code, reason)
 
     async def stop(self) -> None:
-        """The client is gone or the endpoint is done: end the writer task."""
-        self.closed = True
+        """The client is gone or the endpoint is done: end the writer task.
+
+        A close already under way is awaited, so its close frame reaches the client
+        before the server lets the socket go.
+        """
+        self._mark_closed()
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer
+        if self._closer is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._closer
 
     async def _close_quietly(self, code: int, reason: str) -> None:
         if self._writer is not None:
@@ -149,4 +179,8 @@ class Connection:
         except asyncio.CancelledError:
             raise
         except Exception:  # the peer went away mid-send; the reader notices and cleans up
-            self.closed = True
+            self._mark_closed()
+
+    def _mark_closed(self) -> None:
+        self.closed = True
+        self._gone.set()

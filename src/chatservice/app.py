@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from chatservice import __version__
 from chatservice.api import errors, health, messages, sessions, ws
 from chatservice.api.limits import BodyLimitMiddleware
 from chatservice.auth import TokenCodec
+from chatservice.bus.base import Bus, Presence, RateLimiter
 from chatservice.bus.memory import MemoryBus
+from chatservice.bus.presence import MemoryPresence
+from chatservice.bus.ratelimit import MemoryRateLimiter
+from chatservice.bus.redis import RedisBus
+from chatservice.bus.redis_presence import RedisPresence
+from chatservice.bus.redis_ratelimit import RedisRateLimiter
 from chatservice.components import Components
 from chatservice.config import Settings
 from chatservice.realtime.connection import CLOSE_GOING_AWAY
@@ -34,24 +44,74 @@ def build_components(settings: Settings) -> Components:
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
     )
-    bus = MemoryBus()
-    session_service = SessionService(SessionStore(database), bus)
+    bus: Bus
+    presence: Presence
+    limiter: RateLimiter | None = None
+    redis: Redis | None = None
+    if settings.redis_url:
+        redis = Redis(
+            connection_pool=BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=settings.redis_max_connections, timeout=5
+            )
+        )
+        bus = RedisBus(redis)
+        presence = RedisPresence(redis, settings.ws_connection_timeout, instance_id())
+        if settings.rate_limit_enabled:
+            limiter = RedisRateLimiter(redis, settings.rate_limit_messages_per_minute)
+    else:
+        bus = MemoryBus()
+        presence = MemoryPresence(settings.ws_connection_timeout)
+        if settings.rate_limit_enabled:
+            limiter = MemoryRateLimiter(settings.rate_limit_messages_per_minute)
+    session_service = SessionService(SessionStore(database), bus, presence)
     message_service = MessageService(
         session_service,
         MessageStore(database),
         bus,
         max_content_bytes=settings.ws_message_size_limit,
+        rate_limiter=limiter,
     )
     return Components(
         settings=settings,
         database=database,
         bus=bus,
+        redis=redis,
         tokens=TokenCodec(settings.resolve_jwt_secret(), settings.jwt_algorithm),
         sessions=session_service,
         messages=message_service,
         typing=TypingService(bus),
-        hub=Hub(bus, message_service),
+        hub=Hub(
+            bus,
+            message_service,
+            presence,
+            heartbeat_interval=min(
+                settings.ws_heartbeat_interval, settings.ws_connection_timeout / 4
+            ),
+        ),
     )
+
+
+def instance_id() -> str:
+    """Names this process in presence records, for operators reading Redis."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def start_components(parts: Components) -> None:
+    await parts.database.check_schema()
+    if parts.redis is not None:
+        # Open REDIS_POOL_SIZE connections now rather than on the first burst.
+        await asyncio.gather(*(parts.redis.ping() for _ in range(parts.settings.redis_pool_size)))
+    await parts.bus.start()
+    await parts.hub.start()
+
+
+async def stop_components(parts: Components) -> None:
+    await parts.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+    await parts.hub.stop()
+    await parts.bus.close()
+    if parts.redis is not None:
+        await parts.redis.aclose()
+    await parts.database.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -60,8 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await parts.database.check_schema()
-        await parts.bus.start()
+        await start_components(parts)
         log.info(
             "chat-service %s ready (database: %s)",
             __version__,
@@ -70,9 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await parts.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
-            await parts.bus.close()
-            await parts.database.close()
+            await stop_components(parts)
 
     app = FastAPI(
         title="chat-service",

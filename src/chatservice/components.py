@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from redis.asyncio import Redis
+
 from chatservice.auth import TokenCodec
 from chatservice.bus.base import Bus
 from chatservice.config import Settings
@@ -19,6 +21,7 @@ class Components:
     settings: Settings
     database: Database
     bus: Bus
+    redis: Redis | None
     tokens: TokenCodec
     sessions: SessionService
     messages: MessageService

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     # Frames a connection may have waiting to be written before it counts as too slow.
     ws_send_queue_size: int = Field(1024, ge=1)
 
+    # Scale-out: with REDIS_URL set, pub/sub, presence and rate limits go through Redis
+    # and several instances can serve one conversation.
+    redis_url: str = ""
+    redis_max_connections: int = Field(50, ge=2)
+    redis_pool_size: int = Field(10, ge=1)  # connections opened at start-up
+
+    rate_limit_enabled: bool = False
+    rate_limit_messages_per_minute: int = Field(60, ge=1)
+
     # Largest JSON request body any REST endpoint accepts.
     max_request_body: int = Field(1_048_576, ge=1024)
 

@@ -163,6 +163,7 @@ class SessionDetail:
     participants: list[Participant]
     message_count: int
     last_activity: datetime | None
+    online: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -8,6 +8,8 @@ import orjson
 
 from chatservice import events
 from chatservice.bus.memory import MemoryBus
+from chatservice.bus.presence import MemoryPresence
+from chatservice.domain import new_id
 from chatservice.realtime.connection import Connection
 from chatservice.realtime.hub import Hub
 
@@ -44,7 +46,7 @@ class Recorder:
 
 async def join(hub: Hub, user: str) -> tuple[Connection, Recorder]:
     recorder = Recorder()
-    conn = Connection(f"c-{user}", "s1", user, recorder.send, recorder.close, 64)
+    conn = Connection(new_id("conn"), "s1", user, recorder.send, recorder.close, 64)
     conn.start()
     await hub.attach(conn)
     await conn.go_live()
@@ -58,7 +60,7 @@ async def settle() -> None:
 
 async def test_out_of_order_publishes_are_released_in_seq_order() -> None:
     bus, history = MemoryBus(), History()
-    hub = Hub(bus, history, gap_timeout=5)
+    hub = Hub(bus, history, MemoryPresence(300), gap_timeout=5)
     _, alice = await join(hub, "alice")
     channel = events.session_channel("s1")
     for seq in (2, 3, 1, 4):
@@ -70,7 +72,7 @@ async def test_out_of_order_publishes_are_released_in_seq_order() -> None:
 
 async def test_a_publish_that_never_arrives_is_filled_from_history() -> None:
     bus, history = MemoryBus(), History()
-    hub = Hub(bus, history, gap_timeout=0.01)
+    hub = Hub(bus, history, MemoryPresence(300), gap_timeout=0.01)
     _, alice = await join(hub, "alice")
     history.frames[1] = frame(1).decode()  # committed, but its publish was lost
     history.frames[2] = frame(2).decode()
@@ -81,7 +83,7 @@ async def test_a_publish_that_never_arrives_is_filled_from_history() -> None:
 
 async def test_a_seq_missing_from_history_is_skipped_not_waited_for() -> None:
     bus, history = MemoryBus(), History()
-    hub = Hub(bus, history, gap_timeout=0.01)
+    hub = Hub(bus, history, MemoryPresence(300), gap_timeout=0.01)
     _, alice = await join(hub, "alice")
     history.frames[2] = frame(2).decode()  # seq 1 was deleted
     await bus.publish(events.session_channel("s1"), frame(2))
@@ -91,7 +93,7 @@ async def test_a_seq_missing_from_history_is_skipped_not_waited_for() -> None:
 
 async def test_one_subscription_per_session_whatever_the_connections() -> None:
     bus, history = MemoryBus(), History()
-    hub = Hub(bus, history)
+    hub = Hub(bus, history, MemoryPresence(300))
     conns = [await join(hub, f"user{i}") for i in range(5)]
     assert all(len(h) == 1 for h in bus._handlers.values())
     for conn, _ in conns:
@@ -101,7 +103,7 @@ async def test_one_subscription_per_session_whatever_the_connections() -> None:
 
 async def test_typing_skips_the_typer_and_presence_follows_first_and_last_connection() -> None:
     bus, history = MemoryBus(), History()
-    hub = Hub(bus, history)
+    hub = Hub(bus, history, MemoryPresence(300))
     alice_conn, alice = await join(hub, "alice")
     _, bob = await join(hub, "bob")
     second_bob, _ = await join(hub, "bob")

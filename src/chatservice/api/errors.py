@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatservice.api.deps import Unauthorized
 from chatservice.api.responses import JSONBody
-from chatservice.services.errors import ServiceError
+from chatservice.services.errors import RateLimited, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,11 @@ def error_response(
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONBody:
-        return error_response(exc.status, exc.code, exc.message, **exc.extra)
+        headers = None
+        if isinstance(exc, RateLimited):
+            # HTTP wants whole seconds; the body keeps the milliseconds (`retry_after`).
+            headers = {"Retry-After": str(math.ceil(exc.retry_after_ms / 1000))}
+        return error_response(exc.status, exc.code, exc.message, headers, **exc.extra)
 
     @app.exception_handler(Unauthorized)
     async def _unauthorized(_: Request, exc: Unauthorized) -> JSONBody:

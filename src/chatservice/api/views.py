@@ -53,6 +53,7 @@ def session_detail(detail: SessionDetail, viewer: str) -> JSON:
             }
             for p in detail.participants
         ],
+        online=detail.online,
         message_count=detail.message_count,
         last_activity=isoformat(detail.last_activity),
     )

@@ -76,8 +76,24 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
     conn.start()
     try:
         await parts.hub.attach(conn)
+        current = await parts.messages.last_seq(session_id)
         if since_raw is not None:
-            await _replay(parts, conn, int(since_raw))
+            conn.last_seq = min(int(since_raw), current)
+        # Tells the client where its stream starts, so it can resume from there even if
+        # it drops before any message arrives.
+        conn.send_nowait(
+            events.encode(
+                {
+                    "type": "connected",
+                    "session_id": session_id,
+                    "user_id": principal.user_id,
+                    "since_seq": conn.last_seq,
+                    "last_seq": current,
+                }
+            ).decode()
+        )
+        if since_raw is not None:
+            await _replay(parts, conn)
         await conn.go_live()
         await _read_frames(parts, websocket, conn, principal, session)
     except WebSocketDisconnect:
@@ -97,9 +113,8 @@ def _token(websocket: WebSocket) -> str | None:
     return value.strip() if scheme.lower() == "bearer" else None
 
 
-async def _replay(parts: Components, conn: Connection, since_seq: int) -> None:
-    """Send every message after `since_seq` from the database before live frames."""
-    conn.last_seq = min(since_seq, await parts.messages.last_seq(conn.session_id))
+async def _replay(parts: Components, conn: Connection) -> None:
+    """Send every message after `conn.last_seq` from the database before live frames."""
     while True:
         frames = await parts.messages.frames_after(conn.session_id, conn.last_seq, REPLAY_PAGE)
         for seq, text in frames:

@@ -1,12 +1,18 @@
-"""The bus protocol every backend implements (memory in-process, Redis across instances)."""
+"""The protocols every bus backend implements (memory in-process, Redis across instances).
+
+Three small capabilities, each with a memory and a Redis member: pub/sub (`Bus`),
+who is connected where (`Presence`) and per-user send budgets (`RateLimiter`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 # Called on the event loop for each message on a subscribed channel; must not block.
 Handler = Callable[[str, bytes], None]
+Reconnected = Callable[[], Awaitable[None]]
 
 
 class Bus(Protocol):
@@ -17,7 +23,12 @@ class Bus(Protocol):
     async def ping(self) -> None:
         """Raise if the bus cannot carry messages right now (readiness)."""
 
-    async def publish(self, channel: str, data: bytes) -> None: ...
+    async def publish(self, channel: str, data: bytes) -> None:
+        """Send `data` to every subscriber of `channel` on every instance.
+
+        Never raises for a broken link: the event is then delivered to this instance
+        only, and the hubs of the others catch up from the database when it is back.
+        """
 
     async def subscribe(self, channels: Sequence[str], handler: Handler) -> None:
         """Deliver every later message on `channels` to `handler`.
@@ -27,3 +38,38 @@ class Bus(Protocol):
         """
 
     async def unsubscribe(self, channels: Sequence[str], handler: Handler) -> None: ...
+
+    def on_reconnect(self, listener: Reconnected) -> None:
+        """Call `listener` after a lost link is restored (messages may have been missed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEntry:
+    session_id: str
+    user_id: str
+    conn_id: str
+
+
+class Presence(Protocol):
+    """Live connections per session and user, across instances, expiring on their own."""
+
+    async def join(self, entry: PresenceEntry) -> bool:
+        """Record a connection; True when it is the user's first in the session."""
+
+    async def leave(self, entry: PresenceEntry) -> bool:
+        """Forget a connection; True when it was the user's last in the session."""
+
+    async def refresh(self, entries: Sequence[PresenceEntry]) -> None:
+        """Heartbeat: keep these connections alive for another timeout."""
+
+    async def online(self, session_id: str) -> list[str]:
+        """Users with at least one live connection to the session, sorted."""
+
+    async def sweep(self) -> list[tuple[str, str]]:
+        """Drop expired connections (a crashed instance's); returns the (session, user)
+        pairs that thereby lost their last connection."""
+
+
+class RateLimiter(Protocol):
+    async def hit(self, key: str) -> int | None:
+        """Count one send for `key`: None when allowed, else milliseconds to wait."""

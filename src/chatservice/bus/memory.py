@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from chatservice.bus.base import Handler
+from chatservice.bus.base import Handler, Reconnected
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,9 @@ class MemoryBus:
 
     async def ping(self) -> None:
         return None
+
+    def on_reconnect(self, listener: Reconnected) -> None:
+        """In-process delivery has no link to lose."""
 
     async def publish(self, channel: str, data: bytes) -> None:
         for handler in tuple(self._handlers.get(channel, ())):

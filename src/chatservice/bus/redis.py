@@ -14,18 +14,16 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from chatservice.bus.base import Handler
+from chatservice.bus.base import Handler, Reconnected
 
 log = logging.getLogger(__name__)
-
-Reconnected = Callable[[], Awaitable[None]]
 
 SUBSCRIBE_TIMEOUT = 5.0
 BACKOFF_FIRST = 0.1

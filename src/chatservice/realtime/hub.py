@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from typing import Protocol
 
 import orjson
 
 from chatservice import events
-from chatservice.bus.base import Bus
+from chatservice.bus.base import Bus, Presence, PresenceEntry
 from chatservice.domain import isoformat, utcnow
 from chatservice.realtime.connection import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, Connection
 
@@ -43,7 +42,6 @@ class Room:
         self.session_id = session_id
         self.channels = events.session_channels(session_id)
         self.connections: set[Connection] = set()
-        self.users: Counter[str] = Counter()
         self.refs = 0  # connections attached or attaching
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.released: int | None = None  # highest seq handed to connections
@@ -135,6 +133,19 @@ class Room:
         finally:
             self._gap_task = None
 
+    async def catch_up(self) -> None:
+        """Feed the sequencer everything the database has after what was released."""
+        if self.released is None:
+            return
+        after = self.released
+        while True:
+            frames = await self.hub.history.frames_after(self.session_id, after, 500)
+            for seq, text in frames:
+                self._sequence(seq, text)
+            if len(frames) < 500:
+                return
+            after = frames[-1][0]
+
     async def start(self) -> None:
         await self.hub.bus.subscribe(self.channels, self.on_bus)
         self.released = await self.hub.history.last_seq(self.session_id)
@@ -149,12 +160,33 @@ class Room:
 
 
 class Hub:
-    def __init__(self, bus: Bus, history: History, *, gap_timeout: float = 0.5) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        history: History,
+        presence: Presence,
+        *,
+        gap_timeout: float = 0.5,
+        heartbeat_interval: float = 30.0,
+    ) -> None:
         self.bus = bus
         self.history = history
+        self.presence = presence
         self.gap_timeout = gap_timeout
+        self.heartbeat_interval = heartbeat_interval
         self._rooms: dict[str, Room] = {}
+        self._heartbeats: asyncio.Task[None] | None = None
         self.connection_count = 0
+        bus.on_reconnect(self.resync)
+
+    async def start(self) -> None:
+        self._heartbeats = asyncio.create_task(self._beat_forever(), name="presence-heartbeat")
+
+    async def stop(self) -> None:
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeats
 
     async def attach(self, conn: Connection) -> Room:
         """Add a connection; it receives live events once `conn.go_live()` is called."""
@@ -182,9 +214,13 @@ class Hub:
         conn.last_seq = room.released
         room.connections.add(conn)
         self.connection_count += 1
-        room.users[conn.user_id] += 1
-        if room.users[conn.user_id] == 1:
-            await self._presence(conn.session_id, "user_joined", conn.user_id)
+        try:
+            first = await self.presence.join(_entry(conn))
+        except Exception as exc:  # presence is best effort; the connection itself is fine
+            log.warning("presence join failed for %s: %s", conn.session_id, exc)
+            first = False
+        if first:
+            await self._announce(conn.session_id, "user_joined", conn.user_id)
         return room
 
     async def detach(self, conn: Connection) -> None:
@@ -194,10 +230,13 @@ class Hub:
         room.connections.discard(conn)
         self.connection_count -= 1
         room.refs -= 1
-        room.users[conn.user_id] -= 1
-        if room.users[conn.user_id] <= 0:
-            del room.users[conn.user_id]
-            await self._presence(conn.session_id, "user_left", conn.user_id)
+        try:
+            last = await self.presence.leave(_entry(conn))
+        except Exception as exc:
+            log.warning("presence leave failed for %s: %s", conn.session_id, exc)
+            last = False
+        if last:
+            await self._announce(conn.session_id, "user_left", conn.user_id)
         if room.refs == 0 and self._rooms.get(conn.session_id) is room:
             del self._rooms[conn.session_id]
             await room.stop()
@@ -205,14 +244,38 @@ class Hub:
     def room(self, session_id: str) -> Room | None:
         return self._rooms.get(session_id)
 
+    async def resync(self) -> None:
+        """After the bus link was down: fetch what every room may have missed."""
+        for room in list(self._rooms.values()):
+            try:
+                await room.catch_up()
+            except Exception:
+                log.exception("catching up %s failed", room.session_id)
+
     async def close_all(self, code: int, reason: str) -> None:
         for room in list(self._rooms.values()):
             for conn in list(room.connections):
                 conn.kill(code, reason)
 
-    async def _presence(self, session_id: str, name: str, user_id: str) -> None:
+    async def heartbeat(self) -> None:
+        """Keep this instance's connections present; expire a crashed instance's."""
+        entries = [_entry(c) for room in self._rooms.values() for c in room.connections]
+        await self.presence.refresh(entries)
+        for session_id, user_id in await self.presence.sweep():
+            await self._announce(session_id, "user_left", user_id)
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self.heartbeat()
+            except Exception as exc:
+                log.warning("presence heartbeat failed: %s", exc)
+
+    async def _announce(self, session_id: str, name: str, user_id: str) -> None:
         event = events.system_event(session_id, name, user_id, isoformat(utcnow()))
-        try:
-            await self.bus.publish(events.presence_channel(session_id), events.encode(event))
-        except Exception:  # presence is best effort; the connection itself is fine
-            log.warning("could not publish %s for %s", name, session_id, exc_info=True)
+        await self.bus.publish(events.presence_channel(session_id), events.encode(event))
+
+
+def _entry(conn: Connection) -> PresenceEntry:
+    return PresenceEntry(conn.session_id, conn.user_id, conn.conn_id)

@@ -44,3 +44,14 @@ class SessionClosed(Conflict):
 class TooLarge(ServiceError):
     code = "CONTENT_TOO_LARGE"
     status = 413
+
+
+class RateLimited(ServiceError):
+    """Over the per-user send budget; `retry_after` (ms) says when the next send fits."""
+
+    code = "RATE_LIMIT"
+    status = 429
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__("too many messages; slow down", retry_after=retry_after_ms)
+        self.retry_after_ms = retry_after_ms

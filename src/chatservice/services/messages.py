@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatservice import events
-from chatservice.bus.base import Bus
+from chatservice.bus.base import Bus, RateLimiter
 from chatservice.domain import (
-    JSON,
     Cursor,
     Message,
     MessagePage,
@@ -21,7 +20,7 @@ from chatservice.domain import (
     new_id,
     utcnow,
 )
-from chatservice.services.errors import InvalidInput, SessionClosed, TooLarge
+from chatservice.services.errors import InvalidInput, RateLimited, SessionClosed, TooLarge
 from chatservice.services.sessions import SessionService, check_metadata
 from chatservice.store.messages import MessageStore, SessionNotWritable
 
@@ -42,12 +41,19 @@ class Draft:
 
 class MessageService:
     def __init__(
-        self, sessions: SessionService, store: MessageStore, bus: Bus, *, max_content_bytes: int
+        self,
+        sessions: SessionService,
+        store: MessageStore,
+        bus: Bus,
+        *,
+        max_content_bytes: int,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.sessions = sessions
         self.store = store
         self.bus = bus
         self.max_content_bytes = max_content_bytes
+        self.rate_limiter = rate_limiter  # None: RATE_LIMIT_ENABLED is off
 
     async def send(self, principal: Principal, session_id: str, draft: Draft) -> SendResult:
         session, _ = await self.sessions.require_member(principal, session_id)
@@ -60,6 +66,10 @@ class MessageService:
         self._validate(draft)
         if session.status not in (SessionStatus.ACTIVE, SessionStatus.SCHEDULED):
             raise SessionClosed("the session has ended; it is read-only")
+        if self.rate_limiter is not None:
+            wait_ms = await self.rate_limiter.hit(principal.user_id)
+            if wait_ms is not None:
+                raise RateLimited(wait_ms)
         message = Message(
             message_id=new_id("msg"),
             session_id=session.session_id,
@@ -136,7 +146,3 @@ def _cursor(raw: str | None, name: str) -> Cursor | None:
         return Cursor.parse(raw)
     except ValueError as exc:
         raise InvalidInput(f"{name} must be a seq or an ISO 8601 time") from exc
-
-
-def message_json(message: Message) -> JSON:
-    return events.message_payload(message)

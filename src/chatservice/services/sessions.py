@@ -8,7 +8,7 @@ from datetime import datetime
 import orjson
 
 from chatservice import events
-from chatservice.bus.base import Bus
+from chatservice.bus.base import Bus, Presence
 from chatservice.domain import (
     WRITABLE_STATUSES,
     NewSession,
@@ -48,9 +48,10 @@ def check_metadata(metadata: object) -> None:
 
 
 class SessionService:
-    def __init__(self, store: SessionStore, bus: Bus) -> None:
+    def __init__(self, store: SessionStore, bus: Bus, presence: Presence) -> None:
         self.store = store
         self.bus = bus
+        self.presence = presence
 
     async def create(self, principal: Principal, request: NewSession) -> tuple[SessionDetail, bool]:
         """Create a session; a `direct` pair that exists already is returned (created=False)."""
@@ -130,7 +131,12 @@ class SessionService:
 
     async def detail(self, principal: Principal, session_id: str) -> SessionDetail:
         session, _ = await self.require_member(principal, session_id)
-        return await self.store.detail(session)
+        detail = await self.store.detail(session)
+        try:
+            detail.online = await self.presence.online(session_id)
+        except Exception:  # presence is advisory; the detail still answers
+            detail.online = []
+        return detail
 
     async def delete(self, principal: Principal, session_id: str) -> None:
         _session, member = await self.require_member(principal, session_id)

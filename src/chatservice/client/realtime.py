@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
@@ -13,8 +14,14 @@ import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed as _WSClosed
+from websockets.exceptions import InvalidHandshake
 
 JSON = dict[str, Any]
+
+# Close codes that mean "do not come back": bad request, bad token, no access, no session.
+REFUSALS = frozenset({4400, 4401, 4403, 4404})
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
 
 
 class ConnectionClosed(Exception):
@@ -29,33 +36,52 @@ class ConnectionClosed(Exception):
 class RealtimeConnection:
     """Frames of one session as dicts, with helpers for each client frame.
 
-    `last_seq` follows the highest message seq received, so a caller that reconnects can
-    pass it as `since_seq` and miss nothing.
+    The connection repairs itself: when it drops (network, a restarted or crashed
+    instance, a 4008 for reading too slowly) it reconnects with exponential backoff and
+    jitter, to the next of `base_url`'s addresses when several are given, asking for
+    `since_seq` = the last message seq it delivered. The caller sees one ordered stream
+    without gaps or duplicates. Refusals (4400/4401/4403/4404), a close the caller asked
+    for, or no success within `reconnect_timeout` end the stream with ConnectionClosed.
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         session_id: str,
         token: str,
         *,
         since_seq: int | None = None,
+        reconnect: bool = True,
+        reconnect_timeout: float = 30.0,
         max_size: int | None = 2**22,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("at least one base URL is needed")
+        self.base_urls = [u.rstrip("/") for u in urls]
         self.session_id = session_id
         self.token = token
         self.since_seq = since_seq
         self.last_seq = since_seq or 0
+        self.reconnect = reconnect
+        self.reconnect_timeout = reconnect_timeout
+        self.reconnects = 0
+        self._url_index = 0
+        self._resuming = since_seq is not None
+        self._closing = False
         self._max_size = max_size
         self._ws: ClientConnection | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.base_urls[self._url_index]
 
     @property
     def url(self) -> str:
         base = self.base_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
         query: dict[str, Any] = {"token": self.token}
-        if self.since_seq is not None:
-            query["since_seq"] = self.since_seq
+        if self._resuming:
+            query["since_seq"] = self.last_seq
         return f"{base}/ws/{self.session_id}?{urlencode(query)}"
 
     async def connect(self) -> RealtimeConnection:
@@ -79,16 +105,47 @@ class RealtimeConnection:
         await self.close()
 
     async def close(self) -> None:
+        self._closing = True
         if self._ws is not None:
             await self._ws.close()
+
+    async def _reconnect(self, cause: ConnectionClosed) -> None:
+        """Connect again, resuming after `last_seq`; raise `cause` if it cannot."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reconnect_timeout
+        delay = BACKOFF_FIRST
+        self._resuming = True
+        while True:
+            try:
+                await self.connect()
+                self.reconnects += 1
+                return
+            except (OSError, InvalidHandshake, TimeoutError):
+                self._url_index = (self._url_index + 1) % len(self.base_urls)
+            pause = delay * random.uniform(0.5, 1.5)
+            if loop.time() + pause > deadline:
+                raise cause
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def _recoverable(self, closed: ConnectionClosed) -> bool:
+        return self.reconnect and not self._closing and closed.code not in REFUSALS
 
     # -- sending --------------------------------------------------------------------------
 
     async def send_frame(self, frame: JSON) -> None:
-        try:
-            await self._socket().send(orjson.dumps(frame).decode())
-        except _WSClosed as exc:
-            raise _closed(exc) from exc
+        """Send a frame; a dropped connection is repaired first (sends carry a
+        client_msg_id, so one that did arrive before the drop is not stored twice)."""
+        text = orjson.dumps(frame).decode()
+        while True:
+            try:
+                await self._socket().send(text)
+                return
+            except _WSClosed as exc:
+                closed = _closed(exc)
+                if not self._recoverable(closed):
+                    raise closed from exc
+                await self._reconnect(closed)
 
     async def send_message(
         self, content: str, *, client_msg_id: str | None = None, metadata: JSON | None = None
@@ -113,16 +170,30 @@ class RealtimeConnection:
     # -- receiving ------------------------------------------------------------------------
 
     async def receive(self, timeout: float | None = None) -> JSON:
-        """The next frame; raises ConnectionClosed when the server closes."""
-        try:
-            raw = await asyncio.wait_for(self._socket().recv(), timeout)
-        except _WSClosed as exc:
-            raise _closed(exc) from exc
-        frame: JSON = orjson.loads(raw)
-        seq = frame.get("seq")
-        if frame.get("type") in ("message", "stream_end") and isinstance(seq, int):
-            self.last_seq = max(self.last_seq, seq)
-        return frame
+        """The next frame; raises ConnectionClosed when the stream cannot go on."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                raw = await asyncio.wait_for(self._socket().recv(), remaining)
+            except _WSClosed as exc:
+                closed = _closed(exc)
+                if not self._recoverable(closed):
+                    raise closed from exc
+                await self._reconnect(closed)
+                continue
+            frame: JSON = orjson.loads(raw)
+            kind = frame.get("type")
+            if kind == "connected":
+                self.last_seq = max(self.last_seq, int(frame.get("since_seq") or 0))
+            elif kind in ("message", "stream_end"):
+                seq = frame.get("seq")
+                if isinstance(seq, int):
+                    if seq <= self.last_seq and self.reconnects:
+                        continue  # already delivered before the reconnect
+                    self.last_seq = max(self.last_seq, seq)
+            return frame
 
     async def receive_until(self, frame_type: str, timeout: float = 10.0) -> JSON:
         """Skip frames until one of `frame_type` arrives."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -157,11 +158,27 @@ class ChatClient:
 
     # -- realtime -------------------------------------------------------------------------
 
-    def realtime(self, session_id: str, *, since_seq: int | None = None) -> RealtimeConnection:
-        """A WebSocket connection to the session with this client's token."""
+    def realtime(
+        self,
+        session_id: str,
+        *,
+        since_seq: int | None = None,
+        reconnect: bool = True,
+        other_urls: Sequence[str] = (),
+    ) -> RealtimeConnection:
+        """A WebSocket connection to the session with this client's token.
+
+        `other_urls`: further instances to fall back to when this one is unreachable.
+        """
         if self.token is None:
             raise ValueError("a realtime connection needs a token")
-        return RealtimeConnection(self.base_url, session_id, self.token, since_seq=since_seq)
+        return RealtimeConnection(
+            [self.base_url, *other_urls],
+            session_id,
+            self.token,
+            since_seq=since_seq,
+            reconnect=reconnect,
+        )
 
     # -- service --------------------------------------------------------------------------
 

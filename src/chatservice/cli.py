@@ -52,6 +52,10 @@ def serve(
         problem = asyncio.run(_database_problem(settings))
         if problem:
             _fail(problem)
+    if settings.redis_url:
+        problem = asyncio.run(_redis_problem(settings.redis_url))
+        if problem:
+            _fail(problem)
     limit = settings.ws_message_size_limit
     uvicorn.run(
         create_app(settings),
@@ -78,6 +82,19 @@ async def _database_problem(settings: Settings) -> str | None:
         return f"cannot use the database at {_safe_url(settings.database_url)}: {exc}"
     finally:
         await database.close()
+    return None
+
+
+async def _redis_problem(url: str) -> str | None:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        await client.ping()
+    except Exception as exc:
+        return f"cannot reach Redis at {_safe_url(url)}: {exc}"
+    finally:
+        await client.aclose()
     return None
 
 

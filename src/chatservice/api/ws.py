@@ -38,33 +38,14 @@ REPLAY_PAGE = 500
 @router.websocket("/ws/{session_id}")
 async def chat_socket(websocket: WebSocket, session_id: str) -> None:
     parts: Components = websocket.app.state.components
-    # Accept first so refusals carry our close codes (4401/4403/4404) to the client;
-    # closing before accepting would turn every refusal into a bare HTTP 403.
-    await websocket.accept()
-    try:
-        principal = parts.tokens.verify(_token(websocket))
-    except AuthError as exc:
-        await websocket.close(CLOSE_UNAUTHORIZED, str(exc)[:120])
-        return
-    try:
-        session, _ = await parts.sessions.require_member(principal, session_id)
-    except NotFound:
-        await websocket.close(CLOSE_NOT_FOUND, "session not found")
-        return
-    except Forbidden:
-        await websocket.close(CLOSE_FORBIDDEN, "not a participant of this session")
+    refusal, principal, session = await _admit(parts, websocket, session_id)
+    if refusal is not None or principal is None or session is None:
+        # Accept, then close: closing before accepting would turn every refusal into a
+        # bare HTTP 403 and the client would never see our close code.
+        await websocket.accept()
+        await websocket.close(*(refusal or (CLOSE_BAD_REQUEST, "refused")))
         return
     since_raw = websocket.query_params.get("since_seq")
-    # isascii: str.isdigit() also accepts digits like "²" that int() refuses.
-    if since_raw is not None and not (
-        since_raw.isascii() and since_raw.isdigit() and len(since_raw) <= 18
-    ):
-        await websocket.close(CLOSE_BAD_REQUEST, "since_seq must be a non-negative integer")
-        return
-    if parts.hub.connection_count >= parts.settings.ws_max_connections:
-        await websocket.close(CLOSE_TRY_AGAIN_LATER, "server is at its connection limit")
-        return
-
     conn = Connection(
         new_id("conn"),
         session_id,
@@ -73,9 +54,12 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
         websocket.close,
         parts.settings.ws_send_queue_size,
     )
-    conn.start()
     try:
+        # Attached before the handshake completes: anything sent after the client sees
+        # the connection open is already on its way to it.
         await parts.hub.attach(conn)
+        await websocket.accept()
+        conn.start()
         current = await parts.messages.last_seq(session_id)
         if since_raw is not None:
             conn.last_seq = min(int(since_raw), current)
@@ -102,6 +86,31 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
         await parts.hub.detach(conn)
         await conn.stop()
         await parts.typing.stopped(session_id, principal.user_id)
+
+
+async def _admit(
+    parts: Components, websocket: WebSocket, session_id: str
+) -> tuple[tuple[int, str] | None, Principal | None, Session | None]:
+    """Who is connecting and to what; or the close code and reason that refuse them."""
+    try:
+        principal = parts.tokens.verify(_token(websocket))
+    except AuthError as exc:
+        return (CLOSE_UNAUTHORIZED, str(exc)[:120]), None, None
+    try:
+        session, _ = await parts.sessions.require_member(principal, session_id)
+    except NotFound:
+        return (CLOSE_NOT_FOUND, "session not found"), None, None
+    except Forbidden:
+        return (CLOSE_FORBIDDEN, "not a participant of this session"), None, None
+    since_raw = websocket.query_params.get("since_seq")
+    # isascii: str.isdigit() also accepts digits like "²" that int() refuses.
+    if since_raw is not None and not (
+        since_raw.isascii() and since_raw.isdigit() and len(since_raw) <= 18
+    ):
+        return (CLOSE_BAD_REQUEST, "since_seq must be a non-negative integer"), None, None
+    if parts.hub.connection_count >= parts.settings.ws_max_connections:
+        return (CLOSE_TRY_AGAIN_LATER, "server is at its connection limit"), None, None
+    return None, principal, session
 
 
 def _token(websocket: WebSocket) -> str | None:

@@ -32,13 +32,18 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 CLOSE_BAD_REQUEST = 4400
+CLOSE_INTERNAL_ERROR = 1011
 REPLAY_PAGE = 500
 
 
 @router.websocket("/ws/{session_id}")
 async def chat_socket(websocket: WebSocket, session_id: str) -> None:
     parts: Components = websocket.app.state.components
-    refusal, principal, session = await _admit(parts, websocket, session_id)
+    try:
+        refusal, principal, session = await _admit(parts, websocket, session_id)
+    except Exception:  # e.g. the database refused a connection: say so with a close code
+        log.exception("admitting a WebSocket to %s failed", session_id)
+        refusal, principal, session = (CLOSE_INTERNAL_ERROR, "internal error; retry"), None, None
     if refusal is not None or principal is None or session is None:
         # Accept, then close: closing before accepting would turn every refusal into a
         # bare HTTP 403 and the client would never see our close code.
@@ -57,7 +62,13 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
     try:
         # Attached before the handshake completes: anything sent after the client sees
         # the connection open is already on its way to it.
-        await parts.hub.attach(conn)
+        try:
+            await parts.hub.attach(conn)
+        except Exception:
+            log.exception("attaching a WebSocket to %s failed", session_id)
+            await websocket.accept()
+            await websocket.close(CLOSE_INTERNAL_ERROR, "internal error; retry")
+            return
         await websocket.accept()
         conn.start()
         current = await parts.messages.last_seq(session_id)

@@ -8,7 +8,8 @@ What it does, for each backend:
 
 1. Starts its own `chat-service serve` on a free 127.0.0.1 port with a fixed
    JWT_SECRET_KEY (so it mints tokens itself with `chatservice.auth.TokenCodec`),
-   LOG_LEVEL=WARNING and WS_MAX_CONNECTIONS raised above rooms x members. SQLite lives in a
+   LOG_LEVEL=WARNING, RATE_LIMIT_ENABLED=false, no REDIS_URL (the in-process bus) and
+   WS_MAX_CONNECTIONS raised above rooms x members. SQLite lives in a
    temporary DATA_DIR; PostgreSQL gets a fresh database (created with asyncpg on
    BENCH_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/test, migrated with
    `chat-service migrate`, dropped at the end).
@@ -29,8 +30,10 @@ What it does, for each backend:
    its room's messages with seq 1, 2, 3, … (strictly increasing, no gap, no duplicate).
    It cross-checks over REST that each room stores exactly the number of messages sent,
    and shows the CPU each process used during the sending window, to tell whether the
-   server or the load generator was the limit. Exit status 1 if any delivery was lost,
-   duplicated or out of order, or a send failed.
+   server or the load generator was the limit, plus how busy the rest of the machine was
+   (other processes skew the figures; `--wait-quiet` waits for an idle machine first).
+   Exit status 1 if any delivery was lost, duplicated or out of order, a send failed or
+   the server closed a connection; 2 if the run could not be carried out.
 
 Why the load generator is split the way it is: the server and the generator share a 2-core
 machine and both are single-threaded Python, so a generator that cannot keep up would
@@ -39,7 +42,8 @@ run in a separate process (`--receiver-procs`, default 1) on the plain `websocke
 API: `recv(decode=False)` hands raw bytes straight to `orjson.loads`, one task per
 connection, no per-frame `wait_for`, uvloop when available, and per-frame work is a seq
 comparison, a counter and one integer appended to an array. The senders (10 connections)
-stay in the main process and use the SDK's `RealtimeConnection` — their rate is bounded
+stay in the main process and use the SDK's `RealtimeConnection` (automatic reconnect off,
+so a dropped connection is reported rather than repaired) — their rate is bounded
 by the window, not by the client, so the SDK's per-frame convenience (a `wait_for` per
 receive) costs nothing that matters — and setup and the final check use the SDK's
 `ChatClient`. The CPU line of the report shows the share of a core each process used: if
@@ -115,6 +119,18 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     fields = stat[stat.rindex(b")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux /proc), 0.0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 def machine_busy_seconds() -> float:
@@ -268,8 +284,11 @@ def server_env(workdir: Path, database_url: str | None, max_connections: int) ->
         "LOG_LEVEL": "WARNING",
         "WS_MAX_CONNECTIONS": str(max_connections),
     }
-    env.pop("DEBUG", None)
-    env.pop("DATABASE_URL", None)
+    # The scenario is the embedded single instance: in-process bus, no rate limit (it
+    # would cap a sender long before the server's capacity), whatever the caller's env.
+    env["RATE_LIMIT_ENABLED"] = "false"
+    for name in ("DEBUG", "DATABASE_URL", "REDIS_URL"):
+        env.pop(name, None)
     if database_url:
         env["DATABASE_URL"] = database_url
     return env
@@ -538,7 +557,8 @@ class Sender:
     pending: set[str] = field(default_factory=set)
     latencies: list[int] = field(default_factory=list)
     # For the sender's own echoes: (server timestamp - send time, echo - server timestamp)
-    # in µs; the server stamps a message just before storing it.
+    # in µs. The server stamps a message inside its write transaction, once it holds the
+    # session row (PostgreSQL's clock_timestamp()) or the write lock (SQLite).
     split: list[tuple[int, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     last_ns: int = 0
@@ -597,9 +617,15 @@ async def sender_writer(sender: Sender, end_at: float) -> None:
             n += 1
             ref = f"r{sender.room}-{n}"
             sender.pending.add(ref)
-            await sender.live.send_message(
-                text, client_msg_id=ref, metadata={"t": time.time_ns() // 1000}
-            )
+            try:
+                await sender.live.send_message(
+                    text, client_msg_id=ref, metadata={"t": time.time_ns() // 1000}
+                )
+            except (WSClosed, ConnectionClosed) as exc:
+                # This sender is done; the report says why.
+                sender.pending.discard(ref)
+                sender.errors.append(f"connection closed while sending: {exc}")
+                break
             sender.sent += 1
     finally:
         sender.done_sending = True
@@ -635,6 +661,8 @@ class Result:
     machine_busy: float = 0.0  # cores busy, whole machine (PostgreSQL included)
     server_errors: int = 0
     busy_before: float = 0.0  # cores busy in the second before sending started
+    server_rss_mib: float = 0.0
+    code: str = ""  # git commit of the server code
     outsiders: str = ""  # the busiest other processes while sending
     to_server_p50_ms: float = math.nan
     server_to_echo_p50_ms: float = math.nan
@@ -676,6 +704,7 @@ class Result:
         lines = [
             f"== {self.backend}: {self.rooms} rooms x {self.members} members ({conns} "
             f"connections), window {self.window}, {self.duration:g} s of sending",
+            f"server code:              {self.code}",
             f"messages sent:            {self.sent} ({self.sent / self.send_seconds:.0f}/s)"
             if self.send_seconds
             else f"messages sent:            {self.sent}",
@@ -691,7 +720,8 @@ class Result:
             f"stored (REST total):      {self.stored} of {self.sent} sent",
             f"sender echo, p50:         send -> server timestamp {self.to_server_p50_ms:.1f} ms, "
             f"server timestamp -> echo {self.server_to_echo_p50_ms:.1f} ms",
-            f"cpu during sending:       {cpu} (share of one core)",
+            f"cpu during sending:       {cpu} (share of one core); server RSS "
+            f"{self.server_rss_mib:.0f} MiB",
             f"machine (all processes):  {self.machine_busy:.2f} of {os.cpu_count()} cores busy "
             f"while sending, {self.others:.2f} of them outside this benchmark; "
             f"{self.busy_before:.2f} busy just before",
@@ -816,7 +846,11 @@ async def bench(
 
         # Senders connect while the receivers do (they are only `rooms` connections).
         for room, (session_id, users) in enumerate(rooms):
-            live = RealtimeConnection(server.base_url, session_id, codec.issue(users[0]))
+            # No automatic reconnect: a connection the server drops must show up in the
+            # report, not be repaired behind the measurement's back.
+            live = RealtimeConnection(
+                server.base_url, session_id, codec.issue(users[0]), reconnect=False
+            )
             await asyncio.wait_for(live.connect(), 10)
             senders.append(
                 Sender(room, users[0], live, asyncio.Semaphore(args.window), Tally(room))
@@ -861,6 +895,7 @@ async def bench(
         cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
         result.cpu = {name: (cpu_after[name] - cpu_before[name]) / send_elapsed for name in pids}
         result.machine_busy = (machine_busy_seconds() - machine_before) / send_elapsed
+        result.server_rss_mib = rss_mib(server.process.pid)
         ours = {*pids.values(), *pg_pids}
         result.outsiders = top_outsiders(everyone_before, process_cpu(), ours, send_elapsed)
         if pg_pids:
@@ -941,6 +976,31 @@ async def bench(
             worker.stop()
 
 
+def code_version() -> str:
+    """The commit the server code comes from, and whether src/ differs from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    if not head:
+        return "unknown (not a git checkout)"
+    return f"{head}{' with uncommitted changes in src/' if dirty else ', src/ clean'}"
+
+
 def run_backend(backend: str, args: argparse.Namespace) -> Result:
     workdir = Path(tempfile.mkdtemp(prefix=f"chat-bench-{backend}-"))
     database: str | None = None
@@ -958,6 +1018,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> Result:
         profile = None
         if args.server_profile:
             profile = Path(f"{args.server_profile}.{backend}").resolve()
+        version_before = code_version()
         server = start_server(workdir, env, profile)
         try:
             result = run_async(bench(server, backend, args, database))
@@ -968,6 +1029,10 @@ def run_backend(backend: str, args: argparse.Namespace) -> Result:
             if server.process.poll() is not None or args.verbose:
                 print(f"server log (tail):\n{server.log_tail()}", file=sys.stderr)
             raise
+        result.code = version_before
+        version_after = code_version()
+        if version_after != version_before:
+            result.code += f" (changed to {version_after} during the run)"
         if server.process.poll() is not None:
             result.problems.append(f"server exited with {server.process.returncode}")
         errors = server.errors()
@@ -1073,6 +1138,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; server and temporary data cleaned up", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (--verbose for the traceback)", file=sys.stderr)
+        return 2
     print()
     print(summary_table(results))
     return 0 if results and all(r.ok for r in results) else 1

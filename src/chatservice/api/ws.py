@@ -93,6 +93,9 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
         await _read_frames(parts, websocket, conn, principal, session)
     except WebSocketDisconnect:
         pass
+    except Exception:  # a broken dependency mid-connection: close cleanly, client resumes
+        log.exception("WebSocket to %s failed", session_id)
+        conn.kill(CLOSE_INTERNAL_ERROR, "internal error; reconnect with since_seq")
     finally:
         await parts.hub.detach(conn)
         await conn.stop()
@@ -187,6 +190,9 @@ async def _read_frames(
             )
         except ServiceError as exc:
             conn.send_nowait(_error(exc.code, exc.message, ref, **exc.extra))
+        except Exception:  # e.g. the database is unreachable: this frame failed, not the socket
+            log.exception("handling a %s frame in %s failed", kind, session.session_id)
+            conn.send_nowait(_error("INTERNAL", "internal error; try again", ref))
 
 
 async def _handle(

@@ -51,7 +51,11 @@ def build_components(settings: Settings) -> Components:
     if settings.redis_url:
         redis = Redis(
             connection_pool=BlockingConnectionPool.from_url(
-                settings.redis_url, max_connections=settings.redis_max_connections, timeout=5
+                settings.redis_url,
+                max_connections=settings.redis_max_connections,
+                timeout=5,
+                socket_connect_timeout=5,
+                socket_keepalive=True,
             )
         )
         bus = RedisBus(redis)

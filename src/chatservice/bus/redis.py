@@ -40,7 +40,6 @@ class RedisBus:
         self._connected = asyncio.Event()
         self._reconnect_listeners: list[Reconnected] = []
         self._closing = False
-        self.published = 0  # for the benchmark's commands-per-delivery figure
 
     def on_reconnect(self, listener: Reconnected) -> None:
         self._reconnect_listeners.append(listener)
@@ -67,7 +66,6 @@ class RedisBus:
     async def publish(self, channel: str, data: bytes) -> None:
         try:
             await self.redis.publish(channel, data)
-            self.published += 1
         except (RedisError, OSError) as exc:
             log.warning("redis publish on %s failed (%s); delivering locally only", channel, exc)
             self._dispatch(channel, data)
@@ -76,7 +74,9 @@ class RedisBus:
         new = [c for c in channels if c not in self._handlers]
         for channel in channels:
             self._handlers.setdefault(channel, []).append(handler)
-        if not new:
+        if not new or not self._connected.is_set():
+            # Redis is away: the reader subscribes everything in _handlers when it is
+            # back and the hub then catches up from the database, so don't wait here.
             return
         waits: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
@@ -85,13 +85,11 @@ class RedisBus:
             self._pending.setdefault(channel, []).append(future)
             waits.append(future)
         try:
-            await asyncio.wait_for(self._connected.wait(), SUBSCRIBE_TIMEOUT)
             assert self._pubsub is not None
             await self._pubsub.subscribe(*new)
             await asyncio.wait_for(asyncio.gather(*waits), SUBSCRIBE_TIMEOUT)
         except (TimeoutError, RedisError, OSError) as exc:
-            # The reader will subscribe everything in _handlers once Redis is back, and
-            # the hub then fills any gap from the database; the connection can proceed.
+            # As above: the reader re-subscribes on reconnect and the hub catches up.
             log.warning("subscribing to %s not confirmed yet: %s", new, exc or "timeout")
         finally:
             for channel, future in zip(new, waits, strict=True):

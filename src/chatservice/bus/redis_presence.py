@@ -140,8 +140,11 @@ class RedisPresence:
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry in entries:
                 zkey, hkey = _zkey(entry.session_id), _hkey(entry.user_id)
-                pipe.zadd(zkey, {_member(entry): now + self.ttl_ms}, xx=True)
+                # An upsert, not XX: after a Redis restart (nothing persisted) the next
+                # heartbeat puts this instance's connections back.
+                pipe.zadd(zkey, {_member(entry): now + self.ttl_ms})
                 pipe.pexpire(zkey, self.ttl_ms)
+                pipe.sadd(INDEX_KEY, entry.session_id)
                 pipe.hset(
                     hkey,
                     entry.conn_id,

@@ -3,9 +3,14 @@ instances and uses Redis's own clock (instances' clocks may differ)."""
 
 from __future__ import annotations
 
+import logging
+
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from chatservice.bus.ratelimit import WINDOW_MS
+
+log = logging.getLogger(__name__)
 
 _GCRA = """
 local key, limit, window = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -31,5 +36,10 @@ class RedisRateLimiter:
         self._script = redis.register_script(_GCRA)
 
     async def hit(self, key: str) -> int | None:
-        wait = int(await self._script(keys=[f"ratelimit:{key}"], args=[self.limit, WINDOW_MS]))
+        try:
+            wait = int(await self._script(keys=[f"ratelimit:{key}"], args=[self.limit, WINDOW_MS]))
+        except (RedisError, OSError) as exc:
+            # Fail open: a Redis outage must not stop people from chatting.
+            log.warning("rate limiter unavailable (%s); allowing the send", exc)
+            return None
         return wait or None

@@ -34,7 +34,8 @@ class RedisBus:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._handlers: dict[str, list[Handler]] = {}
-        self._pending: dict[str, list[asyncio.Future[None]]] = {}
+        # Per subscribed channel: resolved once Redis confirmed the subscription.
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -71,33 +72,27 @@ class RedisBus:
             self._dispatch(channel, data)
 
     async def subscribe(self, channels: Sequence[str], handler: Handler) -> None:
+        loop = asyncio.get_running_loop()
         new = [c for c in channels if c not in self._handlers]
         for channel in channels:
             self._handlers.setdefault(channel, []).append(handler)
-        if not new or not self._connected.is_set():
+        for channel in new:
+            self._confirmed[channel] = loop.create_future()
+        if not self._connected.is_set():
             # Redis is away: the reader subscribes everything in _handlers when it is
             # back and the hub then catches up from the database, so don't wait here.
             return
-        waits: list[asyncio.Future[None]] = []
-        loop = asyncio.get_running_loop()
-        for channel in new:
-            future: asyncio.Future[None] = loop.create_future()
-            self._pending.setdefault(channel, []).append(future)
-            waits.append(future)
         try:
-            assert self._pubsub is not None
-            await self._pubsub.subscribe(*new)
+            if new:
+                assert self._pubsub is not None
+                await self._pubsub.subscribe(*new)
+            # Also waits for a subscription another caller started and Redis has not
+            # confirmed yet: the channel being known is not the same as it being live.
+            waits = [asyncio.shield(self._confirmed[c]) for c in channels if c in self._confirmed]
             await asyncio.wait_for(asyncio.gather(*waits), SUBSCRIBE_TIMEOUT)
         except (TimeoutError, RedisError, OSError) as exc:
             # As above: the reader re-subscribes on reconnect and the hub catches up.
-            log.warning("subscribing to %s not confirmed yet: %s", new, exc or "timeout")
-        finally:
-            for channel, future in zip(new, waits, strict=True):
-                pending = self._pending.get(channel, [])
-                if future in pending:
-                    pending.remove(future)
-                if not pending:
-                    self._pending.pop(channel, None)
+            log.warning("subscribing to %s not confirmed yet: %s", list(channels), exc or "timeout")
 
     async def unsubscribe(self, channels: Sequence[str], handler: Handler) -> None:
         gone = []
@@ -107,6 +102,7 @@ class RedisBus:
                 handlers.remove(handler)
                 if not handlers:
                     del self._handlers[channel]
+                    self._confirmed.pop(channel, None)
                     gone.append(channel)
         if gone and self._pubsub is not None and self._connected.is_set():
             try:
@@ -169,9 +165,9 @@ class RedisBus:
             if kind == "message":
                 self._dispatch(channel, message["data"])
             elif kind == "subscribe":
-                for future in self._pending.get(channel, ()):
-                    if not future.done():
-                        future.set_result(None)
+                future = self._confirmed.get(channel)
+                if future is not None and not future.done():
+                    future.set_result(None)
 
     async def _reset_pubsub(self) -> None:
         old = self._pubsub

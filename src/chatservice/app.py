@@ -14,23 +14,33 @@ from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from chatservice import __version__
+from chatservice.agents.base import AgentBackend
+from chatservice.agents.demo import DemoAgent
+from chatservice.agents.openai import OpenAIAgent
+from chatservice.api import agents as agents_api
 from chatservice.api import errors, health, messages, sessions, ws
+from chatservice.api import streams as streams_api
 from chatservice.api.limits import BodyLimitMiddleware
 from chatservice.auth import TokenCodec
-from chatservice.bus.base import Bus, Presence, RateLimiter
+from chatservice.bus.base import Bus, Locks, Presence, RateLimiter, StreamBuffer
 from chatservice.bus.memory import MemoryBus
 from chatservice.bus.presence import MemoryPresence
 from chatservice.bus.ratelimit import MemoryRateLimiter
 from chatservice.bus.redis import RedisBus
 from chatservice.bus.redis_presence import RedisPresence
 from chatservice.bus.redis_ratelimit import RedisRateLimiter
+from chatservice.bus.redis_streams import RedisLocks, RedisStreamBuffer
+from chatservice.bus.streams import MemoryLocks, MemoryStreamBuffer
 from chatservice.components import Components
 from chatservice.config import Settings
 from chatservice.realtime.connection import CLOSE_GOING_AWAY
 from chatservice.realtime.hub import Hub
+from chatservice.services.agents import AgentService
 from chatservice.services.messages import MessageService
 from chatservice.services.sessions import SessionService
+from chatservice.services.streams import StreamLimits, StreamService
 from chatservice.services.typing import TypingService
+from chatservice.store.agents import AgentStore
 from chatservice.store.database import Database
 from chatservice.store.messages import MessageStore
 from chatservice.store.sessions import SessionStore
@@ -46,6 +56,8 @@ def build_components(settings: Settings) -> Components:
     )
     bus: Bus
     presence: Presence
+    buffer: StreamBuffer
+    locks: Locks
     limiter: RateLimiter | None = None
     redis: Redis | None = None
     if settings.redis_url:
@@ -60,21 +72,53 @@ def build_components(settings: Settings) -> Components:
         )
         bus = RedisBus(redis)
         presence = RedisPresence(redis, settings.ws_connection_timeout, instance_id())
+        buffer = RedisStreamBuffer(redis, settings.stream_buffer_ttl)
+        locks = RedisLocks(redis)
         if settings.rate_limit_enabled:
             limiter = RedisRateLimiter(redis, settings.rate_limit_messages_per_minute)
     else:
         bus = MemoryBus()
         presence = MemoryPresence(settings.ws_connection_timeout)
+        buffer = MemoryStreamBuffer(settings.stream_buffer_ttl)
+        locks = MemoryLocks()
         if settings.rate_limit_enabled:
             limiter = MemoryRateLimiter(settings.rate_limit_messages_per_minute)
     session_service = SessionService(SessionStore(database), bus, presence)
+    message_store = MessageStore(database)
     message_service = MessageService(
         session_service,
-        MessageStore(database),
+        message_store,
         bus,
         max_content_bytes=settings.ws_message_size_limit,
         rate_limiter=limiter,
     )
+    agent_store = AgentStore(database)
+    backends: dict[str, AgentBackend] = {
+        "demo": DemoAgent(settings.stream_chunk_size, settings.stream_delay_ms),
+        "openai": OpenAIAgent(
+            default_base_url=settings.openai_base_url,
+            default_api_key=settings.openai_api_key,
+            default_model=settings.openai_model,
+            stall_timeout=settings.agent_stall_timeout,
+            total_timeout=settings.agent_timeout,
+        ),
+    }
+    stream_service = StreamService(
+        sessions=session_service,
+        messages=message_service,
+        store=message_store,
+        agents=agent_store,
+        backends=backends,
+        buffer=buffer,
+        locks=locks,
+        bus=bus,
+        limits=StreamLimits(
+            total_timeout=settings.agent_timeout,
+            context_messages=settings.agent_context_messages,
+            context_chars=settings.agent_context_chars,
+        ),
+    )
+    message_service.listeners.append(stream_service.on_message)
     return Components(
         settings=settings,
         database=database,
@@ -84,6 +128,8 @@ def build_components(settings: Settings) -> Components:
         sessions=session_service,
         messages=message_service,
         typing=TypingService(bus),
+        agents=AgentService(agent_store),
+        streams=stream_service,
         hub=Hub(
             bus,
             message_service,
@@ -107,9 +153,11 @@ async def start_components(parts: Components) -> None:
         await asyncio.gather(*(parts.redis.ping() for _ in range(parts.settings.redis_pool_size)))
     await parts.bus.start()
     await parts.hub.start()
+    await parts.streams.start()
 
 
 async def stop_components(parts: Components) -> None:
+    await parts.streams.stop()
     await parts.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
     await parts.hub.stop()
     await parts.bus.close()
@@ -153,6 +201,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    for module in (health, sessions, messages, ws):
+    for module in (health, sessions, messages, agents_api, streams_api, ws):
         app.include_router(module.router)
     return app

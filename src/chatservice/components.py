@@ -10,8 +10,10 @@ from chatservice.auth import TokenCodec
 from chatservice.bus.base import Bus
 from chatservice.config import Settings
 from chatservice.realtime.hub import Hub
+from chatservice.services.agents import AgentService
 from chatservice.services.messages import MessageService
 from chatservice.services.sessions import SessionService
+from chatservice.services.streams import StreamService
 from chatservice.services.typing import TypingService
 from chatservice.store.database import Database
 
@@ -26,4 +28,6 @@ class Components:
     sessions: SessionService
     messages: MessageService
     typing: TypingService
+    agents: AgentService
+    streams: StreamService
     hub: Hub

@@ -57,6 +57,19 @@ class Settings(BaseSettings):
     rate_limit_enabled: bool = False
     rate_limit_messages_per_minute: int = Field(60, ge=1)
 
+    # Agents: the demo backend's pacing (seed s0), resumable buffers (seed s1: 2 h),
+    # upstream limits, and defaults for OpenAI-compatible agents without their own.
+    stream_chunk_size: int = Field(10, ge=1)
+    stream_delay_ms: int = Field(50, ge=0)
+    stream_buffer_ttl: int = Field(7200, ge=10)
+    agent_timeout: float = Field(120, gt=0)
+    agent_stall_timeout: float = Field(30, gt=0)
+    agent_context_messages: int = Field(40, ge=1)
+    agent_context_chars: int = Field(12_000, ge=100)
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: str = ""
+    openai_model: str = "gpt-4o-mini"
+
     # Largest JSON request body any REST endpoint accepts.
     max_request_body: int = Field(1_048_576, ge=1024)
 

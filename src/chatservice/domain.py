@@ -107,6 +107,8 @@ class Agent:
     name: str
     avatar_url: str | None
     backend: str
+    settings: JSON = field(default_factory=dict)
+    created_at: datetime | None = None
 
 
 @dataclass(slots=True)

@@ -15,6 +15,8 @@ from chatservice.domain import JSON, Message, isoformat
 
 # Event types that carry a persisted message's `seq` and are delivered in seq order.
 SEQUENCED_TYPES = frozenset({"message", "stream_end"})
+# Frames of an agent answer in progress; `message_id` names the stream.
+STREAM_TYPES = frozenset({"stream_start", "stream_chunk", "stream_end"})
 
 
 def session_channel(session_id: str) -> str:
@@ -96,6 +98,51 @@ def receipt_event(session_id: str, user_id: str, seq: int, status: str = "read")
         "user_id": user_id,
         "seq": seq,
         "status": status,
+    }
+
+
+def stream_start_event(
+    session_id: str, message_id: str, sender_id: str, reply_to: str, timestamp: str | None
+) -> JSON:
+    return {
+        "type": "stream_start",
+        "session_id": session_id,
+        "message_id": message_id,
+        "sender_type": "agent",
+        "sender_id": sender_id,
+        "reply_to": reply_to,
+        "timestamp": timestamp,
+    }
+
+
+def stream_chunk_event(session_id: str, message_id: str, content: str, index: int) -> JSON:
+    return {
+        "type": "stream_chunk",
+        "session_id": session_id,
+        "message_id": message_id,
+        "content": content,
+        "index": index,
+    }
+
+
+def stream_end_event(
+    session_id: str,
+    message_id: str,
+    seq: int | None,
+    tokens_used: int | None,
+    latency_ms: int,
+    status: str,
+    chunks: int,
+) -> JSON:
+    return {
+        "type": "stream_end",
+        "session_id": session_id,
+        "message_id": message_id,
+        "seq": seq,
+        "tokens_used": tokens_used,
+        "latency_ms": latency_ms,
+        "status": status,
+        "chunks": chunks,
     }
 
 

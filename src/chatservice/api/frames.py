@@ -28,6 +28,11 @@ class ReadFrame(_Frame):
     seq: StrictInt = Field(ge=0)
 
 
+class CancelFrame(_Frame):
+    type: Literal["cancel"]
+    message_id: StrictStr = Field(min_length=1, max_length=100)
+
+
 class PingFrame(_Frame):
     type: Literal["ping"]
 
@@ -37,4 +42,5 @@ FRAME_TYPES: dict[str, type[_Frame]] = {
     "typing": TypingFrame,
     "read": ReadFrame,
     "ping": PingFrame,
+    "cancel": CancelFrame,
 }

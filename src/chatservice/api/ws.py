@@ -14,7 +14,13 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from chatservice import events
-from chatservice.api.frames import FRAME_TYPES, MessageFrame, ReadFrame, TypingFrame
+from chatservice.api.frames import (
+    FRAME_TYPES,
+    CancelFrame,
+    MessageFrame,
+    ReadFrame,
+    TypingFrame,
+)
 from chatservice.auth import AuthError
 from chatservice.components import Components
 from chatservice.domain import Principal, Session, isoformat, new_id, utcnow
@@ -89,6 +95,7 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
         )
         if since_raw is not None:
             await _replay(parts, conn)
+        await _resume_streams(parts, conn)
         await conn.go_live()
         await _read_frames(parts, websocket, conn, principal, session)
     except WebSocketDisconnect:
@@ -144,6 +151,22 @@ async def _replay(parts: Components, conn: Connection) -> None:
             await conn.replay(seq, text)
         if len(frames) < REPLAY_PAGE or conn.closed:
             return
+
+
+async def _resume_streams(parts: Components, conn: Connection) -> None:
+    """Answers still streaming: their start and every chunk so far, then live ones."""
+    for state in await parts.streams.active_states(conn.session_id):
+        start = events.stream_start_event(
+            state.session_id,
+            state.message_id,
+            state.meta.get("sender_id", ""),
+            state.meta.get("reply_to", ""),
+            None,
+        )
+        await conn.replay_stream(state.message_id, -1, events.encode(start).decode())
+        for index, text in enumerate(state.chunks):
+            chunk = events.stream_chunk_event(state.session_id, state.message_id, text, index)
+            await conn.replay_stream(state.message_id, index, events.encode(chunk).decode())
 
 
 async def _read_frames(
@@ -210,6 +233,8 @@ async def _handle(
         await parts.typing.set_typing(session.session_id, principal.user_id, frame.is_typing)
     elif isinstance(frame, ReadFrame):
         await parts.sessions.mark_read(principal, session.session_id, frame.seq)
+    elif isinstance(frame, CancelFrame):
+        await parts.streams.cancel(principal, frame.message_id)
     else:  # ping
         conn.send_nowait(events.encode({"type": "pong", "timestamp": isoformat(utcnow())}).decode())
 

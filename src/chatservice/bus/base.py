@@ -73,3 +73,40 @@ class Presence(Protocol):
 class RateLimiter(Protocol):
     async def hit(self, key: str) -> int | None:
         """Count one send for `key`: None when allowed, else milliseconds to wait."""
+
+
+@dataclass(slots=True)
+class StreamState:
+    """An agent answer as the buffer knows it: who, where, how far, and the chunks."""
+
+    message_id: str
+    session_id: str
+    status: str  # "streaming" | "completed" | "cancelled" | "error"
+    meta: dict[str, str]
+    chunks: list[str]  # from the index asked for
+    first_index: int
+
+
+class StreamBuffer(Protocol):
+    """Chunks of answers in progress, kept (with a TTL) so clients can resume them."""
+
+    async def open(self, message_id: str, session_id: str, meta: dict[str, str]) -> None: ...
+
+    async def append(self, message_id: str, text: str) -> None: ...
+
+    async def finish(self, message_id: str, status: str) -> None: ...
+
+    async def read(self, message_id: str, from_index: int = 0) -> StreamState | None: ...
+
+    async def active(self, session_id: str) -> list[str]:
+        """Message ids of the session's answers still streaming."""
+
+
+class Locks(Protocol):
+    """Short leases so one instance at a time does a piece of work."""
+
+    async def acquire(self, name: str, ttl_seconds: float) -> bool: ...
+
+    async def renew(self, name: str, ttl_seconds: float) -> bool: ...
+
+    async def release(self, name: str) -> None: ...

@@ -49,8 +49,11 @@ class Connection:
         send_text: SendText,
         close: Close,
         queue_size: int,
+        *,
+        presence: bool = True,
     ) -> None:
         self.conn_id = conn_id
+        self.presence = presence  # whether it counts as the user being online
         self.session_id = session_id
         self.user_id = user_id
         self.last_seq = 0
@@ -60,7 +63,8 @@ class Connection:
         self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
         self._limit = queue_size
         self._live = False
-        self._held: list[tuple[int | None, str]] = []
+        self._held: list[tuple[int | None, str, str | None, int | None]] = []
+        self._chunks: dict[str, int] = {}  # stream id -> highest chunk index delivered
         self._gone = asyncio.Event()  # set once the connection is closing for any reason
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
@@ -68,21 +72,45 @@ class Connection:
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.conn_id}")
 
-    def offer(self, seq: int | None, text: str) -> None:
-        """Called by the hub for each event; `seq` is set for persisted messages."""
+    def offer(
+        self,
+        seq: int | None,
+        text: str,
+        stream_id: str | None = None,
+        chunk_index: int | None = None,
+    ) -> None:
+        """Called by the hub for each event.
+
+        `seq` is set for persisted messages; `stream_id` for an agent stream's frames,
+        with `chunk_index` on its chunks (None on its end), so chunks a client already
+        got from a resume are not sent again.
+        """
         if self.closed:
             return
         if not self._live:
             if len(self._held) >= self._limit:
                 self.kill(CLOSE_SLOW_CONSUMER, "send queue full; reconnect with since_seq")
                 return
-            self._held.append((seq, text))
+            self._held.append((seq, text, stream_id, chunk_index))
             return
+        if self._seen(seq, stream_id, chunk_index):
+            return
+        self.send_nowait(text)
+
+    def _seen(self, seq: int | None, stream_id: str | None, chunk_index: int | None) -> bool:
+        """Whether this frame was delivered already; records it as delivered if not."""
         if seq is not None:
             if seq <= self.last_seq:
-                return
+                return True
             self.last_seq = seq
-        self.send_nowait(text)
+        if stream_id is not None:
+            if chunk_index is None:
+                self._chunks.pop(stream_id, None)
+            elif chunk_index <= self._chunks.get(stream_id, -2):
+                return True
+            else:
+                self._chunks[stream_id] = chunk_index
+        return False
 
     async def replay(self, seq: int, text: str) -> None:
         """A frame from history, before going live; waits (boundedly) for queue space."""
@@ -91,16 +119,19 @@ class Connection:
         self.last_seq = seq
         await self._put(text)
 
+    async def replay_stream(self, stream_id: str, chunk_index: int | None, text: str) -> None:
+        """A frame of an answer in progress, read from the stream buffer on resume."""
+        if self.closed or self._seen(None, stream_id, chunk_index):
+            return
+        await self._put(text)
+
     async def go_live(self) -> None:
         """Send what was held back during the replay, then deliver as events come."""
         while self._held and not self.closed:
             held, self._held = self._held, []
-            for seq, text in held:
-                if seq is not None:
-                    if seq <= self.last_seq:
-                        continue
-                    self.last_seq = seq
-                await self._put(text)
+            for seq, text, stream_id, chunk_index in held:
+                if not self._seen(seq, stream_id, chunk_index):
+                    await self._put(text)
         # No await between the last check of _held and here: nothing can slip in.
         self._live = True
 

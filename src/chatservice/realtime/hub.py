@@ -45,7 +45,7 @@ class Room:
         self.refs = 0  # connections attached or attaching
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.released: int | None = None  # highest seq handed to connections
-        self._waiting: dict[int, str] = {}
+        self._waiting: dict[int, tuple[str, str | None]] = {}
         self._gap_task: asyncio.Task[None] | None = None
 
     # -- bus side -------------------------------------------------------------------------
@@ -59,14 +59,19 @@ class Room:
             return
         kind = head.get("type")
         seq = head.get("seq")
+        stream_id = head.get("message_id") if kind in events.STREAM_TYPES else None
         if kind in events.SEQUENCED_TYPES and isinstance(seq, int):
-            self._sequence(seq, text)
+            self._sequence(seq, text, stream_id)
             return
+        # A stream's start counts as chunk -1, so a resumed client never gets it twice.
+        index = (
+            head.get("index") if kind == "stream_chunk" else -1 if kind == "stream_start" else None
+        )
         # A typer does not see their own typing indicator, on any of their devices.
         skip_user = head.get("user_id") if kind == "typing" else None
         for conn in tuple(self.connections):
             if conn.user_id != skip_user:
-                conn.offer(None, text)
+                conn.offer(None, text, stream_id, index)
         if kind == "system":
             self._enforce_access(head)
 
@@ -81,13 +86,13 @@ class Room:
                 if conn.user_id == head.get("user_id"):
                     conn.finish(CLOSE_FORBIDDEN, "removed from the session")
 
-    def _sequence(self, seq: int, text: str) -> None:
+    def _sequence(self, seq: int, text: str, stream_id: str | None = None) -> None:
         if self.released is None:  # still learning where the session stands
-            self._waiting[seq] = text
+            self._waiting[seq] = (text, stream_id)
             return
         if seq <= self.released:
             return
-        self._waiting[seq] = text
+        self._waiting[seq] = (text, stream_id)
         self._drain()
 
     def _drain(self) -> None:
@@ -101,10 +106,10 @@ class Room:
         for stale in [s for s in waiting if s <= self.released]:
             del waiting[stale]
         while (nxt := self.released + 1) in waiting:
-            text = waiting.pop(nxt)
+            text, stream_id = waiting.pop(nxt)
             self.released = nxt
             for conn in tuple(self.connections):
-                conn.offer(nxt, text)
+                conn.offer(nxt, text, stream_id)
 
     async def _fill_gap(self) -> None:
         try:
@@ -125,7 +130,7 @@ class Room:
                         continue
                     for seq, text in frames:
                         if self.released < seq < first:
-                            self._waiting.setdefault(seq, text)
+                            self._waiting.setdefault(seq, (text, None))
                     # What is still missing below `first` is not in the database (a
                     # deleted message): skip it rather than wait for it forever.
                     self.released = max(self.released, min(self._waiting) - 1)
@@ -215,7 +220,7 @@ class Hub:
         room.connections.add(conn)
         self.connection_count += 1
         try:
-            first = await self.presence.join(_entry(conn))
+            first = conn.presence and await self.presence.join(_entry(conn))
         except Exception as exc:  # presence is best effort; the connection itself is fine
             log.warning("presence join failed for %s: %s", conn.session_id, exc)
             first = False
@@ -231,7 +236,7 @@ class Hub:
         self.connection_count -= 1
         room.refs -= 1
         try:
-            last = await self.presence.leave(_entry(conn))
+            last = conn.presence and await self.presence.leave(_entry(conn))
         except Exception as exc:
             log.warning("presence leave failed for %s: %s", conn.session_id, exc)
             last = False
@@ -259,7 +264,9 @@ class Hub:
 
     async def heartbeat(self) -> None:
         """Keep this instance's connections present; expire a crashed instance's."""
-        entries = [_entry(c) for room in self._rooms.values() for c in room.connections]
+        entries = [
+            _entry(c) for room in self._rooms.values() for c in room.connections if c.presence
+        ]
         await self.presence.refresh(entries)
         for session_id, user_id in await self.presence.sweep():
             await self._announce(session_id, "user_left", user_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,8 @@ class MessageService:
         self.bus = bus
         self.max_content_bytes = max_content_bytes
         self.rate_limiter = rate_limiter  # None: RATE_LIMIT_ENABLED is off
+        # Told about every new message once it is stored and published (agent answers).
+        self.listeners: list[Callable[[Session, Message], Awaitable[None]]] = []
 
     async def send(self, principal: Principal, session_id: str, draft: Draft) -> SendResult:
         session, _ = await self.sessions.require_member(principal, session_id)
@@ -92,6 +95,8 @@ class MessageService:
                 events.session_channel(session.session_id),
                 events.encode(events.message_event(stored)),
             )
+            for listener in self.listeners:
+                await listener(session, stored)
         return SendResult(stored, created)
 
     async def page(

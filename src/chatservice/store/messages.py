@@ -49,12 +49,16 @@ class MessageStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def append(self, message: Message) -> tuple[Message, bool]:
+    async def append(
+        self, message: Message, *, answers_seq: int | None = None
+    ) -> tuple[Message, bool]:
         """Store `message` with the session's next seq; returns (stored, created).
 
         The seq comes from `UPDATE chat_sessions SET last_seq = last_seq + 1 … RETURNING`
         in the same transaction as the INSERT: the row lock orders concurrent writers of
         one session, and a rollback gives the number back, so seqs have no gaps.
+        `answers_seq`: an agent's answer records which user message it answered, in the
+        same transaction, so the answer queue survives restarts and instances.
         A `client_msg_id` the sender already used returns the original instead: the
         unique constraint rejects the insert (rolling the seq back) and the original is
         read, so the common case costs no extra lookup.
@@ -79,6 +83,7 @@ class MessageStore:
                             updated_at=now,
                             status=SessionStatus.ACTIVE.value,
                             started_at=func.coalesce(s.c.started_at, now),
+                            **({} if answers_seq is None else {"agent_answered_seq": answers_seq}),
                         )
                         .returning(s.c.last_seq, s.c.updated_at)
                     )
@@ -176,6 +181,48 @@ class MessageStore:
         return MessagePage(
             messages=[message_from_row(row) for row in rows], has_more=has_more, total=total
         )
+
+    async def by_message_id(self, message_id: str) -> Message | None:
+        m = chat_messages
+        async with self.db.read() as conn:
+            row = (await conn.execute(select(m).where(m.c.message_id == message_id))).first()
+        return message_from_row(row) if row else None
+
+    async def next_unanswered(self, session_id: str) -> Message | None:
+        """The oldest user message after the last one the session's agent answered."""
+        m, s = chat_messages, chat_sessions
+        answered = (
+            select(s.c.agent_answered_seq).where(s.c.session_id == session_id).scalar_subquery()
+        )
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(m)
+                    .where(
+                        m.c.session_id == session_id,
+                        m.c.sender_type == "user",
+                        m.c.seq > answered,
+                        _VISIBLE,
+                    )
+                    .order_by(m.c.seq)
+                    .limit(1)
+                )
+            ).first()
+        return message_from_row(row) if row else None
+
+    async def recent(self, session_id: str, up_to_seq: int, limit: int) -> list[Message]:
+        """The `limit` newest messages with seq <= `up_to_seq`, oldest first."""
+        m = chat_messages
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(m)
+                    .where(m.c.session_id == session_id, m.c.seq <= up_to_seq, _VISIBLE)
+                    .order_by(m.c.seq.desc())
+                    .limit(limit)
+                )
+            ).all()
+        return [message_from_row(row) for row in reversed(rows)]
 
     async def last_seq(self, session_id: str) -> int:
         async with self.db.read() as conn:

@@ -107,6 +107,15 @@ class SessionStore:
             raise
         return session, True
 
+    async def get(self, session_id: str) -> Session | None:
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(chat_sessions).where(chat_sessions.c.session_id == session_id)
+                )
+            ).first()
+        return session_from_row(row) if row else None
+
     async def find_direct(self, direct_key: str) -> Session | None:
         async with self.db.read() as conn:
             row = (

@@ -56,6 +56,8 @@ chat_sessions = Table(
     Column("direct_key", String(201), unique=True),
     # Highest seq handed out; the row lock on it serialises writers of one session.
     Column("last_seq", Integer, nullable=False, server_default="0"),
+    # Seq of the newest user message the session's agent has answered (agent sessions).
+    Column("agent_answered_seq", Integer, nullable=False, server_default="0"),
     Column("created_at", Timestamp, nullable=False, server_default=func.now()),
     Column("updated_at", Timestamp, nullable=False, server_default=func.now()),
     Column("scheduled_at", Timestamp),

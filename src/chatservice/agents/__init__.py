@@ -1,0 +1,1 @@
+"""AI responders: one protocol, a built-in demo backend and any OpenAI-compatible server."""

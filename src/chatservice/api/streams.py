@@ -1,0 +1,215 @@
+"""Agent answers over SSE: send-and-stream, resume from a chunk index, cancel.
+
+An SSE response follows the session's events through a hub connection of its own (a
+"tap") whose frames go to the response instead of a socket, filtered to one answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Path, Query
+from sse_starlette.sse import EventSourceResponse
+
+from chatservice import events
+from chatservice.api.deps import Caller, Parts
+from chatservice.api.responses import JSONBody
+from chatservice.api.schemas import SendMessage
+from chatservice.api.sessions import SessionId
+from chatservice.components import Components
+from chatservice.domain import JSON, Message, SessionKind, new_id
+from chatservice.realtime.connection import Connection
+from chatservice.services.errors import InvalidInput
+from chatservice.services.messages import Draft
+
+router = APIRouter(prefix="/api/chat", tags=["streams"])
+
+MessageId = Annotated[str, Path(min_length=1, max_length=100)]
+
+
+class Tap:
+    """A hub connection feeding an SSE response; not counted as presence."""
+
+    def __init__(self, parts: Components, session_id: str, user_id: str) -> None:
+        self.parts = parts
+        self.out: asyncio.Queue[str | None] = asyncio.Queue()
+        self.conn = Connection(
+            new_id("sse"),
+            session_id,
+            user_id,
+            self._send,
+            self._close,
+            parts.settings.ws_send_queue_size,
+            presence=False,
+        )
+
+    async def _send(self, text: str) -> None:
+        self.out.put_nowait(text)
+
+    async def _close(self, code: int, reason: str) -> None:
+        self.out.put_nowait(None)
+
+    async def open(self) -> None:
+        self.conn.start()
+        await self.parts.hub.attach(self.conn)
+        await self.conn.go_live()
+
+    async def close(self) -> None:
+        await self.parts.hub.detach(self.conn)
+        await self.conn.stop()
+
+    async def frames(self, idle_timeout: float) -> AsyncIterator[JSON]:
+        while True:
+            try:
+                text = await asyncio.wait_for(self.out.get(), idle_timeout)
+            except TimeoutError:
+                return
+            if text is None:
+                return
+            frame = orjson.loads(text)
+            if isinstance(frame, dict):
+                yield frame
+
+
+def _sse(frames: AsyncIterator[JSON]) -> EventSourceResponse:
+    async def encoded() -> AsyncIterator[dict[str, Any]]:
+        async for frame in frames:
+            yield {"data": orjson.dumps(frame).decode()}
+
+    # Seed s0's layout: `data: {...}` lines separated by a blank line.
+    return EventSourceResponse(encoded(), sep="\n", ping=15)
+
+
+def _idle_timeout(parts: Components) -> float:
+    return parts.settings.agent_stall_timeout + parts.settings.agent_timeout
+
+
+@router.post("/sessions/{session_id}/messages/stream")
+async def send_and_stream(
+    session_id: SessionId, body: SendMessage, caller: Caller, parts: Parts
+) -> EventSourceResponse:
+    """Send a user message to an agent session and stream the agent's answer as SSE."""
+    session, _ = await parts.sessions.require_member(caller, session_id)
+    if session.kind != SessionKind.AGENT:
+        raise InvalidInput("only agent sessions have streamed answers", code="NOT_AGENT_SESSION")
+    tap = Tap(parts, session_id, caller.user_id)
+    await tap.open()  # before sending: no chunk of the answer can slip past
+    try:
+        result = await parts.messages.send_as_member(
+            caller,
+            session,
+            Draft(content=body.content, metadata=body.metadata, client_msg_id=body.client_msg_id),
+        )
+    except BaseException:
+        await tap.close()
+        raise
+    question = result.message.message_id
+
+    async def answer() -> AsyncIterator[JSON]:
+        try:
+            stream_id = None
+            async for frame in tap.frames(_idle_timeout(parts)):
+                kind = frame.get("type")
+                if stream_id is None:
+                    if kind == "stream_start" and frame.get("reply_to") == question:
+                        stream_id = frame.get("message_id")
+                        yield frame
+                    continue
+                if frame.get("message_id") != stream_id:
+                    continue
+                if kind in ("stream_chunk", "error"):
+                    yield frame
+                elif kind == "stream_end":
+                    yield frame
+                    return
+        finally:
+            await tap.close()
+
+    return _sse(answer())
+
+
+@router.get("/streams/{message_id}")
+async def resume_stream(
+    message_id: MessageId,
+    caller: Caller,
+    parts: Parts,
+    from_index: Annotated[int, Query(ge=0)] = 0,
+) -> EventSourceResponse:
+    """An answer from chunk `from_index` on: buffered chunks, then live ones; or, once it
+    has finished, the stored message as one `message` event."""
+    state, stored = await parts.streams.resume_state(caller, message_id, from_index)
+    if stored is not None or state is None:
+        assert stored is not None
+        return _sse(_one(events.message_event(stored)))
+    tap = Tap(parts, state.session_id, caller.user_id)
+    await tap.open()
+
+    async def resumed() -> AsyncIterator[JSON]:
+        try:
+            # Read again now that live frames are being caught: nothing falls between.
+            current = await parts.streams.buffer.read(message_id, from_index)
+            if current is None:
+                return
+            yield events.stream_start_event(
+                current.session_id,
+                message_id,
+                current.meta.get("sender_id", ""),
+                current.meta.get("reply_to", ""),
+                None,
+            )
+            last = from_index - 1
+            for offset, text in enumerate(current.chunks):
+                last = from_index + offset
+                yield events.stream_chunk_event(current.session_id, message_id, text, last)
+            if current.status != "streaming":
+                finished = await parts.messages.store.by_message_id(message_id)
+                if finished is not None:
+                    yield stream_end_from(finished)
+                return
+            async for frame in tap.frames(_idle_timeout(parts)):
+                if frame.get("message_id") != message_id:
+                    continue
+                kind = frame.get("type")
+                if kind == "stream_chunk":
+                    if int(frame.get("index", -1)) <= last:
+                        continue
+                    last = int(frame["index"])
+                    yield frame
+                elif kind == "error":
+                    yield frame
+                elif kind == "stream_end":
+                    yield frame
+                    return
+        finally:
+            await tap.close()
+
+    return _sse(resumed())
+
+
+@router.post("/streams/{message_id}/cancel", status_code=202)
+async def cancel_stream(message_id: MessageId, caller: Caller, parts: Parts) -> JSONBody:
+    status = await parts.streams.cancel(caller, message_id)
+    return JSONBody(
+        {"message_id": message_id, "status": status},
+        status_code=202 if status == "cancelling" else 200,
+    )
+
+
+async def _one(frame: JSON) -> AsyncIterator[JSON]:
+    yield frame
+
+
+def stream_end_from(message: Message) -> JSON:
+    meta = message.metadata or {}
+    return events.stream_end_event(
+        message.session_id,
+        message.message_id,
+        message.seq,
+        message.tokens_used,
+        int(meta.get("latency_ms") or message.latency_ms or 0),
+        str(meta.get("status", "completed")),
+        int(meta.get("chunks") or 0),
+    )

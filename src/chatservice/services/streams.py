@@ -1,0 +1,386 @@
+"""Agent answers on the spine: streamed as bus events, buffered for resume, stored once.
+
+A user message in an agent session wakes the session's answer worker. One worker per
+session runs at a time across all instances (a lease in `Locks`); it answers the user
+messages in order, one answer each, so a second message sent during an answer is queued
+behind it, never interleaved. Each answer:
+
+  stream_start → stream_chunk 0, 1, 2, … (bus + stream buffer, not the database)
+  → the whole text stored as one `stream` message (its seq) → stream_end {seq, status}
+
+Cancel is a bus signal on `chat:stream:cancel`: whichever instance runs the answer stops
+it, closing the upstream request, and stores the partial text as `cancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from chatservice import events
+from chatservice.agents.base import (
+    AgentBackend,
+    AgentFailure,
+    AgentRequest,
+    Delta,
+    Turn,
+    Usage,
+)
+from chatservice.bus.base import Bus, Locks, StreamBuffer, StreamState
+from chatservice.domain import (
+    JSON,
+    Agent,
+    Message,
+    MessageType,
+    Principal,
+    SenderType,
+    Session,
+    SessionKind,
+    isoformat,
+    new_id,
+    utcnow,
+)
+from chatservice.services.errors import InvalidInput, NotFound
+from chatservice.services.messages import MessageService
+from chatservice.services.sessions import SessionService
+from chatservice.store.agents import AgentStore
+from chatservice.store.messages import MessageStore, SessionNotWritable
+
+log = logging.getLogger(__name__)
+
+CANCEL_CHANNEL = "chat:stream:cancel"
+LEASE_SECONDS = 15.0
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant in a chat conversation."
+
+
+@dataclass(slots=True)
+class StreamLimits:
+    total_timeout: float
+    context_messages: int
+    context_chars: int
+
+
+@dataclass(slots=True)
+class _Running:
+    task: asyncio.Task[None]
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class _Outcome:
+    text: list[str] = field(default_factory=list)
+    tokens: int | None = None
+    status: str = "completed"
+    error: str | None = None
+
+
+class StreamService:
+    def __init__(
+        self,
+        *,
+        sessions: SessionService,
+        messages: MessageService,
+        store: MessageStore,
+        agents: AgentStore,
+        backends: dict[str, AgentBackend],
+        buffer: StreamBuffer,
+        locks: Locks,
+        bus: Bus,
+        limits: StreamLimits,
+    ) -> None:
+        self.sessions = sessions
+        self.messages = messages
+        self.store = store
+        self.agents = agents
+        self.backends = backends
+        self.buffer = buffer
+        self.locks = locks
+        self.bus = bus
+        self.limits = limits
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()  # sessions with news while their worker runs
+        self._running: dict[str, _Running] = {}  # message id -> the answer being generated
+        self._closing = False
+
+    async def start(self) -> None:
+        await self.bus.subscribe([CANCEL_CHANNEL], self._on_cancel_signal)
+
+    async def stop(self) -> None:
+        self._closing = True
+        await self.bus.unsubscribe([CANCEL_CHANNEL], self._on_cancel_signal)
+        for task in list(self._workers.values()):
+            task.cancel()
+        for task in list(self._workers.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- triggering ------------------------------------------------------------------------
+
+    async def on_message(self, session: Session, message: Message) -> None:
+        """Called after any message is stored: users' messages in agent sessions wake
+        the session's worker."""
+        if session.kind != SessionKind.AGENT or message.sender_type != SenderType.USER:
+            return
+        self.wake(session.session_id)
+
+    def wake(self, session_id: str) -> None:
+        if self._closing:
+            return
+        worker = self._workers.get(session_id)
+        if worker is not None and not worker.done():
+            self._again.add(session_id)
+            return
+        self._workers[session_id] = asyncio.create_task(
+            self._work(session_id), name=f"agent-{session_id}"
+        )
+
+    async def _work(self, session_id: str) -> None:
+        lease = f"agent:{session_id}"
+        try:
+            while True:
+                self._again.discard(session_id)
+                if await self.locks.acquire(lease, LEASE_SECONDS):
+                    try:
+                        while (pending := await self.store.next_unanswered(session_id)) is not None:
+                            await self._answer(session_id, pending, lease)
+                    finally:
+                        await self.locks.release(lease)
+                    if session_id not in self._again:
+                        return
+                else:
+                    # Another instance is answering; it takes our message when it is done,
+                    # unless it was finishing as ours arrived: look again shortly.
+                    await asyncio.sleep(0.5)
+                    if await self.store.next_unanswered(session_id) is None:
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("agent worker for %s failed", session_id)
+        finally:
+            if self._workers.get(session_id) is asyncio.current_task():
+                del self._workers[session_id]
+
+    # -- one answer ------------------------------------------------------------------------
+
+    async def _answer(self, session_id: str, question: Message, lease: str) -> None:
+        current = await self.sessions.store.get(session_id)
+        if current is None:
+            return
+        agent = await self.agents.get(current.agent_id) if current.agent_id is not None else None
+        if agent is None or agent.backend not in self.backends:
+            # Answer with an error rather than skip, so the queue moves on.
+            outcome = _Outcome(status="error", error="this session's agent is not available")
+            await self._store(current, agent, new_id("msg"), outcome, question, 0, 0)
+            return
+        message_id = new_id("msg")
+        started = time.monotonic()
+        await self.buffer.open(
+            message_id, session_id, {"sender_id": str(agent.id), "reply_to": question.message_id}
+        )
+        await self._publish(
+            session_id,
+            events.stream_start_event(
+                session_id, message_id, str(agent.id), question.message_id, isoformat(utcnow())
+            ),
+        )
+        outcome = _Outcome()
+        request = AgentRequest(
+            agent=agent, settings=agent.settings, turns=await self._context(agent, question)
+        )
+        generation = asyncio.create_task(
+            self._generate(session_id, message_id, self.backends[agent.backend], request, outcome)
+        )
+        running = _Running(generation)
+        self._running[message_id] = running
+        renewing = asyncio.create_task(self._keep_lease(lease))
+        try:
+            await asyncio.wait({generation})
+        finally:
+            renewing.cancel()
+            self._running.pop(message_id, None)
+        if generation.cancelled():
+            outcome.status = "cancelled" if running.cancelled else "error"
+            if not running.cancelled:
+                outcome.error = "the answer was interrupted"
+        latency_ms = int((time.monotonic() - started) * 1000)
+        chunks = len(outcome.text)
+        seq = await self._store(current, agent, message_id, outcome, question, latency_ms, chunks)
+        await self.buffer.finish(message_id, outcome.status)
+        if outcome.status == "error":
+            await self._publish(
+                session_id,
+                {
+                    "type": "error",
+                    "session_id": session_id,
+                    "code": "AGENT_ERROR",
+                    "message": outcome.error or "the agent failed",
+                    "message_id": message_id,
+                },
+            )
+        await self._publish(
+            session_id,
+            events.stream_end_event(
+                session_id, message_id, seq, outcome.tokens, latency_ms, outcome.status, chunks
+            ),
+        )
+
+    async def _generate(
+        self,
+        session_id: str,
+        message_id: str,
+        backend: AgentBackend,
+        request: AgentRequest,
+        outcome: _Outcome,
+    ) -> None:
+        try:
+            async with asyncio.timeout(self.limits.total_timeout):
+                async for event in backend.stream(request):
+                    if isinstance(event, Delta):
+                        index = len(outcome.text)
+                        outcome.text.append(event.text)
+                        await self.buffer.append(message_id, event.text)
+                        await self._publish(
+                            session_id,
+                            events.stream_chunk_event(session_id, message_id, event.text, index),
+                        )
+                    elif isinstance(event, Usage):
+                        outcome.tokens = event.total_tokens
+        except TimeoutError:
+            outcome.status, outcome.error = (
+                "error",
+                (f"the agent took longer than {self.limits.total_timeout}s"),
+            )
+        except AgentFailure as exc:
+            outcome.status, outcome.error = "error", str(exc)
+        except Exception as exc:  # a backend bug must end the stream, never hang it
+            log.exception("agent backend failed in %s", session_id)
+            outcome.status, outcome.error = "error", f"the agent failed: {type(exc).__name__}"
+
+    async def _store(
+        self,
+        session: Session,
+        agent: Agent | None,
+        message_id: str,
+        outcome: _Outcome,
+        question: Message,
+        latency_ms: int,
+        chunks: int,
+    ) -> int | None:
+        metadata = {
+            "tokens_used": outcome.tokens,
+            "latency_ms": latency_ms,
+            "status": outcome.status,
+            "chunks": chunks,
+            "reply_to": question.message_id,
+        }
+        if outcome.error:
+            metadata["error"] = outcome.error
+        answer = Message(
+            message_id=message_id,
+            session_id=session.session_id,
+            seq=0,
+            sender_type=SenderType.AGENT.value,
+            sender_id=str(agent.id) if agent else "agent",
+            message_type=MessageType.STREAM.value,
+            content="".join(outcome.text),
+            metadata=metadata,
+            created_at=utcnow(),
+            tokens_used=outcome.tokens,
+            latency_ms=latency_ms,
+        )
+        try:
+            stored, _ = await self.store.append(answer, answers_seq=question.seq)
+        except SessionNotWritable:
+            log.info(
+                "session %s ended during an answer; the answer is not stored", session.session_id
+            )
+            return None
+        return stored.seq
+
+    async def _context(self, agent: Agent, question: Message) -> list[Turn]:
+        """The system prompt, then the newest messages up to the question within budget."""
+        history = await self.store.recent(
+            question.session_id, question.seq, self.limits.context_messages
+        )
+        turns: list[Turn] = []
+        budget = self.limits.context_chars
+        for message in reversed(history):  # newest first, until the budget is spent
+            if message.sender_type == SenderType.SYSTEM or not message.content:
+                continue
+            if len(message.content) > budget:
+                if not turns:  # the question itself always goes, cut to the budget
+                    turns.append(Turn("user", message.content[-budget:]))
+                break
+            budget -= len(message.content)
+            role = "assistant" if message.sender_type == SenderType.AGENT else "user"
+            turns.append(Turn(role, message.content))
+        turns.reverse()
+        prompt = str(agent.settings.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
+        return [Turn("system", prompt), *turns]
+
+    async def _keep_lease(self, lease: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            with contextlib.suppress(Exception):
+                await self.locks.renew(lease, LEASE_SECONDS)
+
+    async def _publish(self, session_id: str, event: JSON) -> None:
+        await self.bus.publish(events.session_channel(session_id), events.encode(event))
+
+    # -- cancel and resume -----------------------------------------------------------------
+
+    async def cancel(self, principal: Principal, message_id: str) -> str:
+        """Stop an answer from any device or instance; returns the stream's status."""
+        state = await self._state_for(principal, message_id)
+        if state.status != "streaming":
+            return state.status
+        await self.bus.publish(CANCEL_CHANNEL, message_id.encode())
+        return "cancelling"
+
+    def _on_cancel_signal(self, _channel: str, data: bytes) -> None:
+        running = self._running.get(data.decode(errors="replace"))
+        if running is not None and not running.task.done():
+            running.cancelled = True
+            running.task.cancel()
+
+    async def resume_state(
+        self, principal: Principal, message_id: str, from_index: int
+    ) -> tuple[StreamState | None, Message | None]:
+        """An answer to resume: its buffer while streaming, else the stored message."""
+        if from_index < 0:
+            raise InvalidInput("from_index must be zero or more")
+        state = await self.buffer.read(message_id, from_index)
+        if state is not None:
+            await self.sessions.require_member(principal, state.session_id)
+            if state.status == "streaming":
+                return state, None
+        stored = await self.store.by_message_id(message_id)
+        if stored is None or stored.message_type != MessageType.STREAM:
+            raise NotFound("no such stream", code="STREAM_NOT_FOUND")
+        await self.sessions.require_member(principal, stored.session_id)
+        return None, stored
+
+    async def active_states(self, session_id: str) -> list[StreamState]:
+        """Answers in progress in a session, with all their chunks (WS resume)."""
+        states = []
+        for message_id in await self.buffer.active(session_id):
+            state = await self.buffer.read(message_id)
+            if state is not None and state.status == "streaming":
+                states.append(state)
+        return states
+
+    async def _state_for(self, principal: Principal, message_id: str) -> StreamState:
+        state = await self.buffer.read(message_id)
+        if state is None:
+            stored = await self.store.by_message_id(message_id)
+            if stored is None or stored.message_type != MessageType.STREAM:
+                raise NotFound("no such stream", code="STREAM_NOT_FOUND")
+            await self.sessions.require_member(principal, stored.session_id)
+            status = (stored.metadata or {}).get("status", "completed")
+            return StreamState(message_id, stored.session_id, str(status), {}, [], 0)
+        await self.sessions.require_member(principal, state.session_id)
+        return state

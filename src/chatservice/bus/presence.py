@@ -28,11 +28,13 @@ class MemoryPresence:
         return self._live_count(entry.session_id, entry.user_id) == 0
 
     async def refresh(self, entries: Sequence[PresenceEntry]) -> None:
+        # An upsert, like the Redis member: a live connection is present, full stop.
         expires = time.monotonic() + self.timeout
         for entry in entries:
-            conns = self._sessions.get(entry.session_id)
-            if conns is not None and entry.conn_id in conns:
-                conns[entry.conn_id] = (entry.user_id, expires)
+            self._sessions.setdefault(entry.session_id, {})[entry.conn_id] = (
+                entry.user_id,
+                expires,
+            )
 
     async def online(self, session_id: str) -> list[str]:
         now = time.monotonic()

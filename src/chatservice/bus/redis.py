@@ -26,6 +26,7 @@ from chatservice.bus.base import Handler, Reconnected
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 2.0
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 
@@ -38,6 +39,7 @@ class RedisBus:
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._notifier: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._reconnect_listeners: list[Reconnected] = []
         self._closing = False
@@ -52,13 +54,16 @@ class RedisBus:
 
     async def close(self) -> None:
         self._closing = True
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+        for task in (self._reader, self._notifier):
+            if task is not None:
+                task.cancel()
+        # Closing the pub/sub connection also ends a read that swallowed the cancel
+        # (redis-py can, while it is connecting); never wait on the reader unboundedly.
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        if self._reader is not None:
+            await asyncio.wait({self._reader}, timeout=CLOSE_TIMEOUT)
         self._handlers.clear()
 
     async def ping(self) -> None:
@@ -122,10 +127,10 @@ class RedisBus:
         first = True
         while not self._closing:
             try:
-                await self._connect()
+                pending = await self._connect()
                 if not first:
                     log.warning("redis bus reconnected")
-                    await self._notify_reconnected()
+                    self._notifier = asyncio.create_task(self._notify_reconnected(pending))
                 first = False
                 delay = BACKOFF_FIRST
                 await self._read()
@@ -141,15 +146,23 @@ class RedisBus:
                 delay = min(delay * 2, BACKOFF_MAX)
                 first = False
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> list[asyncio.Future[None]]:
+        """Connect and subscribe to every channel; returns the confirmations to await."""
         assert self._pubsub is not None
         await self._pubsub.connect()  # type: ignore[no-untyped-call]
         channels = list(self._handlers)
+        loop = asyncio.get_running_loop()
+        pending = []
+        for channel in channels:
+            # A new link: a channel is in effect again only once Redis confirms it.
+            self._confirmed[channel] = future = loop.create_future()
+            pending.append(future)
         if channels:
             await self._pubsub.subscribe(*channels)
         else:
             await self._pubsub.ping()
         self._connected.set()
+        return pending
 
     async def _read(self) -> None:
         assert self._pubsub is not None
@@ -176,7 +189,11 @@ class RedisBus:
             with contextlib.suppress(Exception):
                 await old.aclose()  # type: ignore[no-untyped-call]
 
-    async def _notify_reconnected(self) -> None:
+    async def _notify_reconnected(self, pending: list[asyncio.Future[None]]) -> None:
+        # Catching up before the subscriptions are live could miss what is published
+        # in between; wait for Redis to confirm them first.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*pending), SUBSCRIBE_TIMEOUT)
         for listener in self._reconnect_listeners:
             try:
                 await listener()

@@ -1,6 +1,8 @@
 """Presence in Redis, shared by every instance (keys of seed s0).
 
-`ws:sessions:{session_id}`  sorted set: member "user_id\\nconn_id", score = expiry (ms).
+`ws:sessions:{session_id}`  sorted set: member "user_id\\nconn_id", score = expiry (ms);
+                            the key itself lives twice as long, so the sweeper still
+                            finds expired members and announces who left.
                             The user ids with a live member are the session's online users.
 `ws:connections:{user_id}`  hash: conn_id -> {session_id, instance, connected_at, last_ping}.
 `ws:presence:index`         set of session ids that have entries (what the sweeper visits).
@@ -31,7 +33,7 @@ local op, member, expiry, now, prefix, conn, info, ttl, session =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 if op == 'join' then
   redis.call('ZADD', zkey, expiry, member)
-  redis.call('PEXPIRE', zkey, ttl)
+  redis.call('PEXPIRE', zkey, 2 * ttl)
   redis.call('HSET', hkey, conn, info)
   redis.call('PEXPIRE', hkey, ttl)
   redis.call('SADD', index, session)
@@ -143,7 +145,7 @@ class RedisPresence:
                 # An upsert, not XX: after a Redis restart (nothing persisted) the next
                 # heartbeat puts this instance's connections back.
                 pipe.zadd(zkey, {_member(entry): now + self.ttl_ms})
-                pipe.pexpire(zkey, self.ttl_ms)
+                pipe.pexpire(zkey, 2 * self.ttl_ms)
                 pipe.sadd(INDEX_KEY, entry.session_id)
                 pipe.hset(
                     hkey,

@@ -1,0 +1,1 @@
+"""Test doubles that are real network servers (never mocks of our own code)."""

@@ -199,3 +199,8 @@ class RedisBus:
                 await listener()
             except Exception:
                 log.exception("reconnect listener failed")
+
+
+def as_text(value: object) -> str:
+    """Redis replies are bytes unless the client decodes; ids and fields are UTF-8."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -21,6 +21,7 @@ import orjson
 from redis.asyncio import Redis
 
 from chatservice.bus.base import PresenceEntry
+from chatservice.bus.redis import as_text
 from chatservice.domain import isoformat, utcnow
 
 INDEX_KEY = "ws:presence:index"
@@ -163,7 +164,7 @@ class RedisPresence:
 
     async def online(self, session_id: str) -> list[str]:
         members = await self.redis.zrangebyscore(_zkey(session_id), _now_ms(), "+inf")
-        return sorted({_text(m).split("\n", 1)[0] for m in members})
+        return sorted({as_text(m).split("\n", 1)[0] for m in members})
 
     async def sweep(self) -> list[tuple[str, str]]:
         # One sweeper at a time across instances; the lock lapses by itself.
@@ -172,14 +173,10 @@ class RedisPresence:
         now = _now_ms()
         gone: list[tuple[str, str]] = []
         for raw in await self.redis.smembers(INDEX_KEY):
-            session_id = _text(raw)
+            session_id = as_text(raw)
             users = await self._sweep(keys=[_zkey(session_id), INDEX_KEY], args=[now, session_id])
             gone.extend((session_id, u.decode()) for u in users)
         return gone
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _now_ms() -> int:

@@ -14,6 +14,7 @@ import uuid
 from redis.asyncio import Redis
 
 from chatservice.bus.base import StreamState
+from chatservice.bus.redis import as_text
 
 # Delete / extend a lease only if we still hold it (a lapsed lease may be someone else's).
 _RELEASE = """
@@ -36,10 +37,6 @@ def _chunks_key(message_id: str) -> str:
 
 def _active_key(session_id: str) -> str:
     return f"chat:streams:active:{session_id}"
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisStreamBuffer:
@@ -69,7 +66,7 @@ class RedisStreamBuffer:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(_meta_key(message_id), "status", status)
             if session_id is not None:
-                pipe.srem(_active_key(_text(session_id)), message_id)
+                pipe.srem(_active_key(as_text(session_id)), message_id)
             await pipe.execute()
 
     async def read(self, message_id: str, from_index: int = 0) -> StreamState | None:
@@ -80,18 +77,18 @@ class RedisStreamBuffer:
             raw_meta, raw_chunks = await pipe.execute()
         if not raw_meta:
             return None
-        meta = {_text(k): _text(v) for k, v in raw_meta.items()}
+        meta = {as_text(k): as_text(v) for k, v in raw_meta.items()}
         return StreamState(
             message_id,
             meta.pop("session_id", ""),
             meta.pop("status", "streaming"),
             meta,
-            [_text(c) for c in raw_chunks],
+            [as_text(c) for c in raw_chunks],
             start,
         )
 
     async def active(self, session_id: str) -> list[str]:
-        return sorted(_text(m) for m in await self.redis.smembers(_active_key(session_id)))
+        return sorted(as_text(m) for m in await self.redis.smembers(_active_key(session_id)))
 
 
 class RedisLocks:

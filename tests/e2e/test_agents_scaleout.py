@@ -59,13 +59,10 @@ class Cluster:
             self.stop()
             raise
 
-    def start(self, name: str) -> ServerProcess:
+    def start(self, name: str, **env: Any) -> ServerProcess:
+        settings = {"STREAM_CHUNK_SIZE": CHUNK, "STREAM_DELAY_MS": DELAY_MS, **env}
         server = start_server(
-            self.base / f"instance-{name}",
-            self.database_url,
-            REDIS_URL=self.redis.url,
-            STREAM_CHUNK_SIZE=CHUNK,
-            STREAM_DELAY_MS=DELAY_MS,
+            self.base / f"instance-{name}", self.database_url, REDIS_URL=self.redis.url, **settings
         )
         self.servers.append(server)
         return server
@@ -730,3 +727,120 @@ async def test_resume_returns_the_stored_answer_when_the_buffer_was_lost(
     message = await stored(ivy, cluster.a, sid, mid)
     assert (message["metadata"] or {}).get("status") == "completed"
     await assert_resume_returns_the_stored_message(ivy, [cluster.a, cluster.b], message)
+
+
+# -- an instance that streams without pauses ------------------------------------------------------
+#
+# One-character chunks and no delay: the instance spends all its time appending chunks to
+# the Redis buffer and publishing them, so a cancel lands in the middle of those calls
+# rather than in the demo agent's sleep, as it would with a fast upstream model.
+
+FAST_QUESTION = 3000  # characters: the answer repeats it, ~3200 chunks in all
+FAST_CANCEL_AT = 300  # chunks in the buffer when the cancel is sent
+FAST_ROUNDS = 6
+
+
+@pytest.fixture(scope="module")
+def fast(cluster: Cluster) -> Iterator[ServerProcess]:
+    server = cluster.start("fast", STREAM_CHUNK_SIZE=1, STREAM_DELAY_MS=0)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def cluster_redis(cluster: Cluster) -> AsyncIterator[Redis]:
+    client = Redis.from_url(cluster.redis.url)
+    yield client
+    await client.aclose()
+
+
+async def fast_answer_started(redis: Redis, watcher: Watcher, question: JSON) -> str:
+    """The answer's id, once its buffer holds FAST_CANCEL_AT chunks (the buffer is the
+    clock: a client may lag behind a producer this fast)."""
+    start = await watcher.wait_start(question["message_id"], ANSWER_TIMEOUT)
+    mid = str(start["message_id"])
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while await redis.llen(f"chat:stream:{mid}:chunks") < FAST_CANCEL_AT:
+        assert loop.time() < deadline, f"the fast answer never reached {FAST_CANCEL_AT} chunks"
+        await asyncio.sleep(0.002)
+    return mid
+
+
+async def buffer_status_after(redis: Redis, mid: str, timeout: float) -> tuple[str, float]:
+    """The answer's final status in the buffer and the seconds it took to get there."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        status = await redis.hget(f"chat:stream:{mid}", "status")
+        if status is not None and status != b"streaming":
+            return status.decode(), loop.time() - started
+        assert loop.time() - started < timeout, f"{mid} still streaming after {timeout}s"
+        await asyncio.sleep(0.005)
+
+
+async def test_cancel_stops_an_answer_that_streams_without_pauses(
+    cluster: Cluster,
+    fast: ServerProcess,
+    cluster_redis: Redis,
+    make_user: Callable[[str], User],
+    watchers: list[Watcher],
+) -> None:
+    """Every cancel must stop the answer, wherever in the generation loop it lands."""
+    kim = make_user("kim")
+    sid = await agent_session(kim, fast)
+    on_b = await watch(watchers, "kim@B", cluster.b, sid, kim.token)
+    for round_ in range(FAST_ROUNDS):
+        question = await ask(kim, fast, sid, f"round {round_} " + "x" * FAST_QUESTION)
+        mid = await fast_answer_started(cluster_redis, on_b, question)
+        cancelled = await kim.http(cluster.b).post(f"/api/chat/streams/{mid}/cancel")
+        assert cancelled.status_code == 202, cancelled.text
+        status, took = await buffer_status_after(cluster_redis, mid, ANSWER_TIMEOUT)
+        chunks = await cluster_redis.llen(f"chat:stream:{mid}:chunks")
+        print(
+            f"round {round_}: {status} after {chunks} chunks, {took * 1000:.0f} ms after the cancel"
+        )
+        assert (status, took < CANCEL_BOUND) == ("cancelled", True), (
+            f"round {round_}: the cancel did not stop the answer: it ended {status!r} "
+            f"{took:.2f}s after the cancel, with {chunks} chunks"
+        )
+        _, end = await on_b.wait_end(mid, CANCEL_BOUND + 3)
+        assert end["status"] == "cancelled", end
+
+
+async def test_a_cancelled_answer_stores_exactly_the_chunks_that_were_sent(
+    cluster: Cluster,
+    fast: ServerProcess,
+    cluster_redis: Redis,
+    make_user: Callable[[str], User],
+    watchers: list[Watcher],
+) -> None:
+    """Whatever the moment of the cancel, the stored partial answer and stream_end's
+    `chunks` are exactly what the devices received: no chunk stored that nobody got."""
+    lena = make_user("lena")
+    sid = await agent_session(lena, fast)
+    on_b = await watch(watchers, "lena@B", cluster.b, sid, lena.token)
+    statuses: list[str] = []
+    # Rounds whose cancel was lost (see the test above) complete, and prove little here:
+    # go on until three cancels took effect.
+    for round_ in range(10):
+        if statuses.count("cancelled") >= 3:
+            break
+        question = await ask(lena, fast, sid, f"round {round_} " + "x" * FAST_QUESTION)
+        mid = await fast_answer_started(cluster_redis, on_b, question)
+        cancelled = await lena.http(cluster.b).post(f"/api/chat/streams/{mid}/cancel")
+        assert cancelled.status_code == 202, cancelled.text
+        await on_b.wait_end(mid, ANSWER_TIMEOUT)
+        await on_b.barrier()
+        texts, end = whole_stream(on_b.frames, mid)
+        statuses.append(end["status"])
+        message = await stored(lena, cluster.b, sid, mid)
+        meta = message["metadata"] or {}
+        assert meta.get("status") == end["status"], (meta, end)
+        got = (end["chunks"], meta.get("chunks"), message["content"])
+        assert got == (len(texts), len(texts), "".join(texts)), (
+            f"round {round_} ({end['status']}): the devices got {len(texts)} chunks "
+            f"({len(''.join(texts))} characters); stream_end says {end['chunks']}, the stored "
+            f"answer has {meta.get('chunks')} chunks and {len(message['content'])} characters"
+        )
+    assert "cancelled" in statuses, f"no cancel took effect: {statuses}"

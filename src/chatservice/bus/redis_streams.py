@@ -63,10 +63,12 @@ class RedisStreamBuffer:
 
     async def finish(self, message_id: str, status: str) -> None:
         session_id = await self.redis.hget(_meta_key(message_id), "session_id")
+        if session_id is None:
+            return  # expired or never opened: don't create a record without a session
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(_meta_key(message_id), "status", status)
-            if session_id is not None:
-                pipe.srem(_active_key(as_text(session_id)), message_id)
+            pipe.expire(_meta_key(message_id), self.ttl)
+            pipe.srem(_active_key(as_text(session_id)), message_id)
             await pipe.execute()
 
     async def read(self, message_id: str, from_index: int = 0) -> StreamState | None:
@@ -88,7 +90,21 @@ class RedisStreamBuffer:
         )
 
     async def active(self, session_id: str) -> list[str]:
-        return sorted(as_text(m) for m in await self.redis.smembers(_active_key(session_id)))
+        members = sorted(as_text(m) for m in await self.redis.smembers(_active_key(session_id)))
+        if not members:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for message_id in members:
+                pipe.hget(_meta_key(message_id), "status")
+            statuses = await pipe.execute()
+        stale = [m for m, status in zip(members, statuses, strict=True) if status is None]
+        if stale:  # expired answers of a session that kept its set alive
+            await self.redis.srem(_active_key(session_id), *stale)
+        return [
+            m
+            for m, status in zip(members, statuses, strict=True)
+            if status is not None and as_text(status) == "streaming"
+        ]
 
 
 class RedisLocks:

@@ -52,10 +52,13 @@ class MemoryStreamBuffer:
         )
 
     async def active(self, session_id: str) -> list[str]:
+        now = time.monotonic()
         return [
             mid
             for mid, entry in self._streams.items()
-            if entry.session_id == session_id and entry.status == "streaming"
+            if entry.session_id == session_id
+            and entry.status == "streaming"
+            and entry.expires >= now
         ]
 
     def _expire(self) -> None:

@@ -71,6 +71,7 @@ class RealtimeConnection:
         self._closing = False
         self._max_size = max_size
         self._ws: ClientConnection | None = None
+        self._stream_seen: dict[str, int] = {}  # answer id -> highest index passed on
 
     @property
     def base_url(self) -> str:
@@ -184,16 +185,33 @@ class RealtimeConnection:
                 await self._reconnect(closed)
                 continue
             frame: JSON = orjson.loads(raw)
-            kind = frame.get("type")
-            if kind == "connected":
-                self.last_seq = max(self.last_seq, int(frame.get("since_seq") or 0))
-            elif kind in ("message", "stream_end"):
-                seq = frame.get("seq")
-                if isinstance(seq, int):
-                    if seq <= self.last_seq and self.reconnects:
-                        continue  # already delivered before the reconnect
-                    self.last_seq = max(self.last_seq, seq)
+            if self._already_delivered(frame):
+                continue
             return frame
+
+    def _already_delivered(self, frame: JSON) -> bool:
+        """After a reconnect the server resends an answer's start and chunks so far, and
+        messages after `since_seq`; pass each on to the caller once only."""
+        kind = frame.get("type")
+        if kind == "connected":
+            self.last_seq = max(self.last_seq, int(frame.get("since_seq") or 0))
+            return False
+        stream_id = frame.get("message_id")
+        if kind in ("stream_start", "stream_chunk") and isinstance(stream_id, str):
+            index = frame.get("index") if kind == "stream_chunk" else -1
+            if not isinstance(index, int) or index <= self._stream_seen.get(stream_id, -2):
+                return True
+            self._stream_seen[stream_id] = index
+            return False
+        if kind == "stream_end" and isinstance(stream_id, str):
+            self._stream_seen.pop(stream_id, None)
+        if kind in ("message", "stream_end"):
+            seq = frame.get("seq")
+            if isinstance(seq, int):
+                if seq <= self.last_seq and self.reconnects:
+                    return True
+                self.last_seq = max(self.last_seq, seq)
+        return False
 
     async def receive_until(self, frame_type: str, timeout: float = 10.0) -> JSON:
         """Skip frames until one of `frame_type` arrives."""

@@ -64,12 +64,6 @@ class StreamLimits:
 
 
 @dataclass(slots=True)
-class _Running:
-    task: asyncio.Task[None]
-    cancelled: bool = False
-
-
-@dataclass(slots=True)
 class _Outcome:
     text: list[str] = field(default_factory=list)
     tokens: int | None = None
@@ -102,7 +96,7 @@ class StreamService:
         self.limits = limits
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()  # sessions with news while their worker runs
-        self._running: dict[str, _Running] = {}  # message id -> the answer being generated
+        self._running: dict[str, asyncio.Event] = {}  # message id -> its cancel switch
         self._closing = False
 
     async def start(self) -> None:
@@ -191,21 +185,16 @@ class StreamService:
         request = AgentRequest(
             agent=agent, settings=agent.settings, turns=await self._context(agent, question)
         )
-        generation = asyncio.create_task(
-            self._generate(session_id, message_id, self.backends[agent.backend], request, outcome)
-        )
-        running = _Running(generation)
-        self._running[message_id] = running
+        cancel = asyncio.Event()
+        self._running[message_id] = cancel
         renewing = asyncio.create_task(self._keep_lease(lease))
         try:
-            await asyncio.wait({generation})
+            await self._generate(
+                session_id, message_id, self.backends[agent.backend], request, outcome, cancel
+            )
         finally:
             renewing.cancel()
             self._running.pop(message_id, None)
-        if generation.cancelled():
-            outcome.status = "cancelled" if running.cancelled else "error"
-            if not running.cancelled:
-                outcome.error = "the answer was interrupted"
         latency_ms = int((time.monotonic() - started) * 1000)
         chunks = len(outcome.text)
         seq = await self._store(current, agent, message_id, outcome, question, latency_ms, chunks)
@@ -235,30 +224,64 @@ class StreamService:
         backend: AgentBackend,
         request: AgentRequest,
         outcome: _Outcome,
+        cancel: asyncio.Event,
     ) -> None:
+        """Pump the backend's events out as chunks until it ends, fails, times out or is
+        cancelled.
+
+        Only the wait for the backend's next event is interrupted by a cancel (or the
+        deadline); publishing a chunk always completes, so what was stored is exactly
+        what everyone received. Interrupting the wait closes the backend's generator,
+        which closes the upstream HTTP response.
+        """
+        deadline = asyncio.get_running_loop().time() + self.limits.total_timeout
+        produced = backend.stream(request)
+        cancelled = asyncio.ensure_future(cancel.wait())
         try:
-            async with asyncio.timeout(self.limits.total_timeout):
-                async for event in backend.stream(request):
-                    if isinstance(event, Delta):
-                        index = len(outcome.text)
-                        outcome.text.append(event.text)
-                        await self.buffer.append(message_id, event.text)
-                        await self._publish(
-                            session_id,
-                            events.stream_chunk_event(session_id, message_id, event.text, index),
-                        )
-                    elif isinstance(event, Usage):
-                        outcome.tokens = event.total_tokens
-        except TimeoutError:
-            outcome.status, outcome.error = (
-                "error",
-                (f"the agent took longer than {self.limits.total_timeout}s"),
-            )
+            while True:
+                if cancel.is_set():  # a fast backend may never leave the wait below pending
+                    outcome.status = "cancelled"
+                    return
+                upcoming = asyncio.ensure_future(anext(produced))
+                remaining = deadline - asyncio.get_running_loop().time()
+                done, _ = await asyncio.wait(
+                    {upcoming, cancelled},
+                    timeout=max(remaining, 0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if upcoming not in done:
+                    upcoming.cancel()
+                    with contextlib.suppress(BaseException):
+                        await upcoming
+                    if cancel.is_set():
+                        outcome.status = "cancelled"
+                    else:
+                        outcome.status = "error"
+                        outcome.error = f"the agent took longer than {self.limits.total_timeout}s"
+                    return
+                try:
+                    event = upcoming.result()
+                except StopAsyncIteration:
+                    return
+                if isinstance(event, Delta):
+                    index = len(outcome.text)
+                    await self.buffer.append(message_id, event.text)
+                    await self._publish(
+                        session_id,
+                        events.stream_chunk_event(session_id, message_id, event.text, index),
+                    )
+                    outcome.text.append(event.text)
+                elif isinstance(event, Usage):
+                    outcome.tokens = event.total_tokens
         except AgentFailure as exc:
             outcome.status, outcome.error = "error", str(exc)
         except Exception as exc:  # a backend bug must end the stream, never hang it
             log.exception("agent backend failed in %s", session_id)
             outcome.status, outcome.error = "error", f"the agent failed: {type(exc).__name__}"
+        finally:
+            cancelled.cancel()
+            with contextlib.suppress(BaseException):
+                await produced.aclose()  # type: ignore[attr-defined]
 
     async def _store(
         self,
@@ -342,10 +365,9 @@ class StreamService:
         return "cancelling"
 
     def _on_cancel_signal(self, _channel: str, data: bytes) -> None:
-        running = self._running.get(data.decode(errors="replace"))
-        if running is not None and not running.task.done():
-            running.cancelled = True
-            running.task.cancel()
+        cancel = self._running.get(data.decode(errors="replace"))
+        if cancel is not None:
+            cancel.set()
 
     async def resume_state(
         self, principal: Principal, message_id: str, from_index: int
@@ -366,12 +388,35 @@ class StreamService:
 
     async def active_states(self, session_id: str) -> list[StreamState]:
         """Answers in progress in a session, with all their chunks (WS resume)."""
+        ids = await self.buffer.active(session_id)
+        if not ids:
+            return []
+        if await self._orphaned(session_id, ids):
+            return []
         states = []
-        for message_id in await self.buffer.active(session_id):
+        for message_id in ids:
             state = await self.buffer.read(message_id)
             if state is not None and state.status == "streaming":
                 states.append(state)
         return states
+
+    async def _orphaned(self, session_id: str, message_ids: list[str]) -> bool:
+        """Answers whose instance died: nobody holds the session's lease any more.
+
+        They are ended as errors (so viewers stop waiting) and the worker is woken to
+        answer the question again."""
+        lease = f"agent:{session_id}"
+        if session_id in self._workers or not await self.locks.acquire(lease, LEASE_SECONDS):
+            return False
+        await self.locks.release(lease)
+        for message_id in message_ids:
+            await self.buffer.finish(message_id, "error")
+            await self._publish(
+                session_id,
+                events.stream_end_event(session_id, message_id, None, None, 0, "error", 0),
+            )
+        self.wake(session_id)
+        return True
 
     async def _state_for(self, principal: Principal, message_id: str) -> StreamState:
         state = await self.buffer.read(message_id)

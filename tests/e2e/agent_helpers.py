@@ -14,11 +14,12 @@ import httpx
 from chatservice.auth import TokenCodec
 from chatservice.client import ChatClient, RealtimeConnection
 from tests.conftest import ServerProcess, new_user
-from tests.e2e.conftest import bearer, recv_json
+from tests.e2e.conftest import bearer, recv_json, ws_connect
 
 JSON = dict[str, Any]
 API = "/api/chat"
 Reader = Callable[[float], Awaitable[JSON]]
+_ANSWER_TYPES = frozenset({"stream_start", "stream_chunk", "stream_end", "error"})
 
 
 @dataclass
@@ -57,6 +58,14 @@ class People:
         for person in self._made:
             await person.client.aclose()
             await person.http.aclose()
+
+
+async def device(server: ServerProcess, session_id: str, token: str, **kwargs: Any) -> Any:
+    """A raw WebSocket that may be left with frames unread: a deep receive queue, so the
+    socket keeps being read and closing it never waits out the close timeout."""
+    kwargs.setdefault("max_queue", 4096)
+    kwargs.setdefault("close_timeout", 2)
+    return await ws_connect(server, session_id, token, **kwargs)
 
 
 def raw_reader(ws: Any) -> Reader:
@@ -101,11 +110,13 @@ async def read_answer(
     read: Reader,
     *,
     until_chunks: int | None = None,
+    until_other: str | None = None,
     answer: Answer | None = None,
     timeout: float = 20.0,
 ) -> Answer:
     """Read frames into `answer` (a new one: from its `stream_start`) until its
-    `stream_end`, or until it holds `until_chunks` chunks."""
+    `stream_end`, or until it holds `until_chunks` chunks, or until a frame of type
+    `until_other` that is not part of it arrives (then last in `answer.others`)."""
     answer = answer or Answer()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -123,18 +134,18 @@ async def read_answer(
             else:
                 answer.others.append(frame)
             continue
-        if frame.get("message_id") != answer.message_id:
+        if frame.get("message_id") != answer.message_id or kind not in _ANSWER_TYPES:
             answer.others.append(frame)
+            if kind == until_other:
+                return answer
         elif kind == "stream_chunk":
             answer.chunks.append(frame)
         elif kind == "error":
             answer.errors.append(frame)
         elif kind == "stream_end":
             answer.end = frame
-        elif kind == "stream_start":
+        else:  # stream_start
             raise AssertionError(f"a second stream_start for {answer.message_id}: {frame}")
-        else:
-            answer.others.append(frame)
     return answer
 
 

@@ -29,27 +29,27 @@ from tests.e2e.agent_helpers import (
     API,
     Answer,
     People,
+    Person,
     SSEReader,
     assert_complete,
+    device,
     raw_reader,
     read_answer,
     sdk_reader,
     stored_answer,
     wait_stored,
 )
-from tests.e2e.conftest import bearer, frames_until_pong, recv_json, ws_connect
+from tests.e2e.conftest import bearer, frames_until_pong, recv_json
 
 CHUNK = 10
 DELAY_MS = 25
-# The demo answer quotes the question: this one makes it ~90 chunks (~2.3 s) long.
-LONG = "please take your time with this one " * 18
+# The demo answer quotes the question: this one makes it ~55 chunks (~1.4 s) long.
+LONG = "please take your time with this one " * 10
 
 
 def expected_demo(question: str, earlier: int = 0) -> str:
     turns = [Turn("user", f"earlier {i}") for i in range(earlier)] + [Turn("user", question)]
-    return demo_answer(
-        AgentRequest(agent=Agent(1, "Demo", None, "demo"), settings={}, turns=turns)
-    )
+    return demo_answer(AgentRequest(agent=Agent(1, "Demo", None, "demo"), settings={}, turns=turns))
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -74,9 +74,8 @@ async def people(agent_server: ServerProcess, tokens: TokenCodec) -> AsyncIterat
     await made.aclose()
 
 
-async def demo_session(person: object, title: str = "ask the demo") -> str:
-    client = person.client  # type: ignore[attr-defined]
-    body = await client.create_session(agent_id=1, title=title)
+async def demo_session(person: Person, title: str = "ask the demo") -> str:
+    body = await person.client.create_session(agent_id=1, title=title)
     assert body["kind"] == "agent" and body["agent_id"] == 1
     return str(body["session_id"])
 
@@ -131,9 +130,8 @@ async def test_the_agent_registry_over_http(people: People) -> None:
     refused = await user.http.post(f"{API}/agents", json=body)
     assert refused.status_code == 403, refused.text
     assert refused.json()["error"]["code"] == "FORBIDDEN"
-    anonymous = await httpx.AsyncClient(base_url=str(user.http.base_url)).post(
-        f"{API}/agents", json=body
-    )
+    async with httpx.AsyncClient(base_url=str(user.http.base_url)) as nobody:
+        anonymous = await nobody.post(f"{API}/agents", json=body)
     assert anonymous.status_code == 401
 
     created = await admin.http.post(f"{API}/agents", json=body)
@@ -175,7 +173,7 @@ async def test_two_devices_of_one_user_both_receive_the_stream(
 ) -> None:
     alice = people("alice")
     sid = await demo_session(alice)
-    phone = await ws_connect(agent_server, sid, alice.token)
+    phone = await device(agent_server, sid, alice.token)
     try:
         async with alice.client.realtime(sid) as laptop:
             await frames_until_pong(phone)
@@ -202,15 +200,16 @@ async def test_two_devices_of_one_user_both_receive_the_stream(
     assert on_phone.chunks == on_laptop.chunks
     assert on_phone.end == on_laptop.end
 
+    phone_end = assert_complete(on_phone)
     stored = await stored_answer(alice, sid, on_phone.message_id)
     assert stored["message_type"] == "stream"
     assert stored["content"] == on_phone.text
-    assert stored["seq"] == on_phone.end["seq"]  # type: ignore[index]
+    assert stored["seq"] == phone_end["seq"]
     meta = stored["metadata"]
     assert meta["status"] == "completed"
     assert meta["chunks"] == len(on_phone.chunks)
-    assert meta["tokens_used"] == on_phone.end["tokens_used"]  # type: ignore[index]
-    assert meta["latency_ms"] == on_phone.end["latency_ms"]  # type: ignore[index]
+    assert meta["tokens_used"] == phone_end["tokens_used"]
+    assert meta["latency_ms"] == phone_end["latency_ms"]
     # One stored answer, no chunk rows, no extra `message` frame after stream_end.
     history = await alice.client.history(sid)
     assert [m["message_type"] for m in history] == ["text", "stream"]
@@ -259,6 +258,32 @@ async def test_send_and_stream_answers_sse_in_seed_s0s_shape(people: People) -> 
     assert history[1]["seq"] == end["seq"]
 
 
+async def test_send_and_stream_waits_its_turn_behind_an_answer_in_progress(
+    agent_server: ServerProcess, people: People
+) -> None:
+    alice = people("alice")
+    sid = await demo_session(alice)
+    ws = await device(agent_server, sid, alice.token)
+    try:
+        await frames_until_pong(ws)
+        await alice.client.send_message(sid, LONG)
+        first = await read_answer(raw_reader(ws), until_chunks=2)
+        response = await alice.http.post(
+            f"{API}/sessions/{sid}/messages/stream", json={"content": "me next"}, timeout=20
+        )
+        first = await read_answer(raw_reader(ws), answer=first)
+    finally:
+        await ws.close()
+    assert response.status_code == 200
+    frames = [json.loads(line[len("data: ") :]) for line in response.text.split("\n") if line]
+    assert frames[0]["type"] == "stream_start" and frames[-1]["type"] == "stream_end"
+    assert frames[0]["message_id"] != first.message_id, "the SSE streamed someone else's answer"
+    text = "".join(f["content"] for f in frames if f["type"] == "stream_chunk")
+    assert text == expected_demo("me next", earlier=1)
+    first_end = assert_complete(first)
+    assert first_end["seq"] < frames[-1]["seq"]  # queued: answered after the first
+
+
 async def test_send_and_stream_refusals(agent_server: ServerProcess, people: People) -> None:
     alice, bob = people("alice"), people("bob")
     sid = await demo_session(alice)
@@ -275,9 +300,8 @@ async def test_send_and_stream_refusals(agent_server: ServerProcess, people: Peo
         response = await who.http.post(url.format(session), json=payload)
         assert response.status_code == status, (payload, response.text)
         assert "error" in response.json()
-    anonymous = await httpx.AsyncClient(base_url=agent_server.base_url).post(
-        url.format(sid), json={"content": "hi"}
-    )
+    async with httpx.AsyncClient(base_url=agent_server.base_url) as nobody:
+        anonymous = await nobody.post(url.format(sid), json={"content": "hi"})
     assert anonymous.status_code == 401
     assert await alice.client.history(sid) == []
     assert await alice.client.history(group) == []
@@ -288,7 +312,7 @@ async def test_resume_over_sse_from_an_index_mid_answer_then_after_the_end(
 ) -> None:
     alice = people("alice")
     sid = await demo_session(alice)
-    ws = await ws_connect(agent_server, sid, alice.token)
+    ws = await device(agent_server, sid, alice.token)
     try:
         await frames_until_pong(ws)
         await alice.client.send_message(sid, LONG)
@@ -303,7 +327,7 @@ async def test_resume_over_sse_from_an_index_mid_answer_then_after_the_end(
         seen = await read_answer(raw_reader(ws), answer=seen)
     finally:
         await ws.close()
-    assert_complete(seen)
+    seen_end = assert_complete(seen)
     assert resumed[0]["type"] == "stream_start" and resumed[0]["message_id"] == stream_id
     assert resumed[-1]["type"] == "stream_end"
     chunks = [e for e in resumed if e["type"] == "stream_chunk"]
@@ -311,8 +335,8 @@ async def test_resume_over_sse_from_an_index_mid_answer_then_after_the_end(
     assert [c["index"] for c in chunks] == list(range(5, len(seen.chunks))), "gap or repeat"
     assert [c["content"] for c in chunks] == [c["content"] for c in seen.chunks[5:]]
     assert resumed[-1]["status"] == "completed"
-    assert resumed[-1]["seq"] == seen.end["seq"]  # type: ignore[index]
-    assert resumed[-1]["tokens_used"] == seen.end["tokens_used"]  # type: ignore[index]
+    assert resumed[-1]["seq"] == seen_end["seq"]
+    assert resumed[-1]["tokens_used"] == seen_end["tokens_used"]
 
     # Over: the stored message, as one `message` event, and the response ends.
     async with alice.http.stream(
@@ -332,7 +356,7 @@ async def test_resume_over_sse_from_an_index_mid_answer_then_after_the_end(
 async def test_resume_and_cancel_refusals(agent_server: ServerProcess, people: People) -> None:
     alice, mallory = people("alice"), people("mallory")
     sid = await demo_session(alice)
-    ws = await ws_connect(agent_server, sid, alice.token)
+    ws = await device(agent_server, sid, alice.token)
     try:
         await frames_until_pong(ws)
         sent = await alice.client.send_message(sid, LONG)
@@ -356,9 +380,8 @@ async def test_resume_and_cancel_refusals(agent_server: ServerProcess, people: P
             await alice.http.get(f"{API}/streams/{sent['message_id']}"),  # not a stream
         ):
             assert response.status_code == 404, response.text
-        anonymous = await httpx.AsyncClient(base_url=agent_server.base_url).get(
-            f"{API}/streams/{stream_id}"
-        )
+        async with httpx.AsyncClient(base_url=agent_server.base_url) as nobody:
+            anonymous = await nobody.get(f"{API}/streams/{stream_id}")
         assert anonymous.status_code == 401
         seen = await read_answer(raw_reader(ws), answer=seen)
         assert_complete(seen)  # a refused cancel stops nothing
@@ -376,13 +399,13 @@ async def test_a_ws_reconnect_mid_answer_gets_the_answer_so_far_then_live(
 ) -> None:
     alice = people("alice")
     sid = await demo_session(alice)
-    ws = await ws_connect(agent_server, sid, alice.token)
+    ws = await device(agent_server, sid, alice.token)
     await frames_until_pong(ws)
     sent = await alice.client.send_message(sid, LONG)
     before = await read_answer(raw_reader(ws), until_chunks=6)
     await ws.close()
     await asyncio.sleep(0.3)  # the answer goes on meanwhile
-    ws = await ws_connect(agent_server, sid, alice.token, since_seq=sent["seq"])
+    ws = await device(agent_server, sid, alice.token, since_seq=sent["seq"])
     try:
         connected = await recv_json(ws)
         assert connected["type"] == "connected"
@@ -397,6 +420,34 @@ async def test_a_ws_reconnect_mid_answer_gets_the_answer_so_far_then_live(
     assert not [f for f in after.others if f.get("type") == "message"]
 
 
+async def test_a_ws_reconnect_after_the_answer_ended_gets_the_stored_answer(
+    agent_server: ServerProcess, people: People
+) -> None:
+    alice = people("alice")
+    sid = await demo_session(alice)
+    ws = await device(agent_server, sid, alice.token)
+    await frames_until_pong(ws)
+    sent = await alice.client.send_message(sid, "short one")
+    before = await read_answer(raw_reader(ws), until_chunks=2)
+    await ws.close()
+    stored = await wait_stored(alice, sid, before.message_id)
+    ws = await device(agent_server, sid, alice.token, since_seq=sent["seq"])
+    try:
+        missed = await frames_until_pong(ws)
+    finally:
+        await ws.close()
+    missed = [f for f in missed if f["type"] != "system"]  # presence: user_joined
+    assert [f["type"] for f in missed] == ["connected", "message"], missed
+    message = missed[1]
+    assert (message["message_id"], message["seq"], message["message_type"]) == (
+        before.message_id,
+        stored["seq"],
+        "stream",
+    )
+    assert message["content"] == expected_demo("short one")
+    assert message["metadata"]["status"] == "completed"
+
+
 async def test_the_sdk_reconnects_mid_answer_without_repeating_chunks(
     agent_server: ServerProcess, people: People
 ) -> None:
@@ -408,7 +459,7 @@ async def test_the_sdk_reconnects_mid_answer_without_repeating_chunks(
         await alice.client.send_message(sid, LONG)
         answer = await read_answer(sdk_reader(live), until_chunks=5)
         # Drop the connection under the SDK, as a network failure would.
-        await live._socket().close(code=1011, reason="network trouble")  # noqa: SLF001
+        await live._socket().close(code=1011, reason="network trouble")
         answer = await read_answer(sdk_reader(live), answer=answer)
         assert live.reconnects == 1
     assert_complete(answer)
@@ -423,8 +474,8 @@ async def test_cancel_over_rest_ends_the_answer_everywhere(
 ) -> None:
     alice = people("alice")
     sid = await demo_session(alice)
-    phone = await ws_connect(agent_server, sid, alice.token)
-    laptop = await ws_connect(agent_server, sid, alice.token)
+    phone = await device(agent_server, sid, alice.token)
+    laptop = await device(agent_server, sid, alice.token)
     try:
         await frames_until_pong(phone)
         await frames_until_pong(laptop)
@@ -444,8 +495,10 @@ async def test_cancel_over_rest_ends_the_answer_everywhere(
         assert again.json() == {"message_id": on_phone.message_id, "status": "cancelled"}
         # The session goes on.
         await alice.client.send_message(sid, "and now?")
-        next_answer = await read_answer(raw_reader(phone))
-        assert_complete(next_answer)
+        for ws in (phone, laptop):
+            next_answer = await read_answer(raw_reader(ws))
+            assert_complete(next_answer)
+            assert next_answer.text == expected_demo("and now?", earlier=1)
     finally:
         await phone.close()
         await laptop.close()
@@ -458,25 +511,29 @@ async def test_cancel_from_a_second_device_over_ws(
     alice, bob = people("alice"), people("bob")
     sid = await demo_session(alice)
     elsewhere = await demo_session(bob)  # alice takes no part in it
-    phone = await ws_connect(agent_server, sid, alice.token)
+    phone = await device(agent_server, sid, alice.token)
     try:
         async with alice.client.realtime(sid) as laptop:
             await frames_until_pong(phone)
             await alice.client.send_message(sid, LONG)
             on_phone = await read_answer(raw_reader(phone), until_chunks=4)
-            bob_ws = await ws_connect(agent_server, elsewhere, bob.token)
+            on_laptop = await read_answer(sdk_reader(laptop), until_chunks=1)
+            bob_ws = await device(agent_server, elsewhere, bob.token)
             try:
                 await frames_until_pong(bob_ws)
                 await bob.client.send_message(elsewhere, LONG)
                 bobs = await read_answer(raw_reader(bob_ws), until_chunks=1)
                 # Alice cannot stop bob's answer through her own session's socket.
                 await laptop.send_frame({"type": "cancel", "message_id": bobs.message_id})
-                refusal = await laptop.receive_until("error", 5)
-                assert refusal["code"] == "FORBIDDEN", refusal
+                on_laptop = await read_answer(
+                    sdk_reader(laptop), answer=on_laptop, until_other="error", timeout=5
+                )
+                refusal = on_laptop.others[-1]
+                assert refusal["type"] == "error" and refusal["code"] == "FORBIDDEN", refusal
                 await laptop.send_frame({"type": "cancel", "message_id": on_phone.message_id})
                 on_phone, on_laptop = await asyncio.gather(
                     read_answer(raw_reader(phone), answer=on_phone, timeout=5),
-                    read_answer(sdk_reader(laptop), timeout=5),
+                    read_answer(sdk_reader(laptop), answer=on_laptop, timeout=5),
                 )
                 bobs = await read_answer(raw_reader(bob_ws), answer=bobs)
                 assert_complete(bobs)
@@ -490,7 +547,7 @@ async def test_cancel_from_a_second_device_over_ws(
     await check_cancelled(alice, sid, on_phone, on_laptop)
 
 
-async def check_cancelled(person: object, session_id: str, *answers: Answer) -> None:
+async def check_cancelled(person: Person, session_id: str, *answers: Answer) -> None:
     first = answers[0]
     for answer in answers:
         end = assert_complete(answer, "cancelled")
@@ -500,7 +557,7 @@ async def check_cancelled(person: object, session_id: str, *answers: Answer) -> 
     full = expected_demo(LONG)
     assert 3 <= len(first.chunks) < math.ceil(len(full) / CHUNK), "it was not stopped"
     assert full.startswith(first.text)
-    stored = await stored_answer(person, session_id, first.message_id)  # type: ignore[arg-type]
+    stored = await stored_answer(person, session_id, first.message_id)
     assert stored["message_type"] == "stream"
     assert stored["content"] == first.text
     assert stored["metadata"]["status"] == "cancelled"
@@ -535,7 +592,7 @@ async def test_a_ws_client_that_leaves_does_not_stop_the_answer(
     alice = people("alice")
     sid = await demo_session(alice)
     async with websockets.connect(
-        f"{agent_server.ws_url}/ws/{sid}?token={alice.token}"
+        f"{agent_server.ws_url}/ws/{sid}?token={alice.token}", max_queue=4096, close_timeout=2
     ) as ws:
         await frames_until_pong(ws)
         await ws.send(json.dumps({"type": "message", "content": LONG}))
@@ -544,6 +601,38 @@ async def test_a_ws_client_that_leaves_does_not_stop_the_answer(
     assert stored["metadata"]["status"] == "completed"
     assert stored["content"] == expected_demo(LONG)
     # And a later resume gets all of it.
-    response = await alice.http.get(f"{API}/streams/{answer.message_id}", headers=bearer(alice.token))
+    response = await alice.http.get(
+        f"{API}/streams/{answer.message_id}", headers=bearer(alice.token)
+    )
     assert response.status_code == 200
     assert json.loads(response.text.strip()[len("data: ") :])["content"] == expected_demo(LONG)
+
+
+async def test_a_retried_send_and_stream_does_not_hang(people: People) -> None:
+    """A client whose connection dropped retries its POST …/messages/stream with the same
+    client_msg_id (that is what the id is for). The message is not stored twice and no
+    second answer is made; the retry must still end promptly with the answer (streamed
+    or stored), not hang until the idle timeout."""
+    alice = people("alice")
+    sid = await demo_session(alice)
+    payload = {"content": "retry me", "client_msg_id": "retry-1"}
+    url = f"{API}/sessions/{sid}/messages/stream"
+    first = await alice.http.post(url, json=payload, timeout=20)
+    assert first.status_code == 200
+    assert '"stream_end"' in first.text
+    try:
+        retried = await asyncio.wait_for(alice.http.post(url, json=payload, timeout=30), 8)
+    except TimeoutError:
+        pytest.fail("the retried send-and-stream hung (no answer frames within 8 s)")
+    assert retried.status_code == 200
+    frames = [json.loads(line[len("data: ") :]) for line in retried.text.split("\n") if line]
+    assert frames, "the retry answered nothing"
+    if frames[-1]["type"] == "message":  # the stored answer
+        assert frames[-1]["message_type"] == "stream"
+        assert frames[-1]["content"] == expected_demo("retry me")
+    else:  # or the answer streamed again from the buffer
+        assert frames[-1]["type"] == "stream_end", frames
+        chunks = [f["content"] for f in frames if f["type"] == "stream_chunk"]
+        assert "".join(chunks) == expected_demo("retry me")
+    history = await alice.client.history(sid)
+    assert [m["message_type"] for m in history] == ["text", "stream"]

@@ -6,6 +6,7 @@ StreamService, with `openai` agents talking to a real fake OpenAI server over HT
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -237,7 +238,7 @@ async def test_demo_paces_its_chunks_by_the_delay() -> None:
         if isinstance(event, Delta):
             stamps.append(time.monotonic())
     assert len(stamps) >= 4
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert min(gaps) >= 0.025, gaps
 
 
@@ -274,7 +275,9 @@ async def test_an_answer_streams_on_the_bus_and_is_stored_once(live: Components)
     assert (answer.seq, answer.sender_type, answer.sender_id) == (end["seq"], "agent", "1")
     assert answer.content == text
     assert answer.metadata is not None
-    assert {k: answer.metadata.get(k) for k in ("tokens_used", "latency_ms", "status", "chunks")} == {
+    assert {
+        k: answer.metadata.get(k) for k in ("tokens_used", "latency_ms", "status", "chunks")
+    } == {
         "tokens_used": end["tokens_used"],
         "latency_ms": end["latency_ms"],
         "status": "completed",
@@ -389,8 +392,9 @@ async def test_cancel_and_resume_check_who_asks(live: Components) -> None:
     state, stored = await live.streams.resume_state(owner, stream_id, 2)
     assert stored is None and state is not None
     assert state.status == "streaming" and state.first_index == 2
-    so_far = [c["content"] for c in chunks_of(tap, stream_id)]
-    assert state.chunks[: len(so_far) - 2] == so_far[2:]
+    so_far = [c["content"] for c in chunks_of(tap, stream_id)][2:]
+    common = min(len(so_far), len(state.chunks))  # either may have grown meanwhile
+    assert common >= 2 and state.chunks[:common] == so_far[:common]
     (active,) = await live.streams.active_states(sid)
     assert active.message_id == stream_id
 

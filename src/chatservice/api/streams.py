@@ -107,6 +107,14 @@ async def send_and_stream(
         await tap.close()
         raise
     question = result.message.message_id
+    if not result.created:
+        # A retry (same client_msg_id): its answer may be under way or done already.
+        state, stored = await parts.streams.answer_to(result.message)
+        if stored is not None:
+            await tap.close()
+            return _sse(_one(events.message_event(stored)))
+        if state is not None:
+            return _sse(_resumed(parts, tap, state.message_id, 0))
 
     async def answer() -> AsyncIterator[JSON]:
         try:
@@ -146,47 +154,50 @@ async def resume_stream(
         return _sse(_one(events.message_event(stored)))
     tap = Tap(parts, state.session_id, caller.user_id)
     await tap.open()
+    return _sse(_resumed(parts, tap, message_id, from_index))
 
-    async def resumed() -> AsyncIterator[JSON]:
-        try:
-            # Read again now that live frames are being caught: nothing falls between.
-            current = await parts.streams.buffer.read(message_id, from_index)
-            if current is None:
-                return
-            yield events.stream_start_event(
-                current.session_id,
-                message_id,
-                current.meta.get("sender_id", ""),
-                current.meta.get("reply_to", ""),
-                None,
-            )
-            last = from_index - 1
-            for offset, text in enumerate(current.chunks):
-                last = from_index + offset
-                yield events.stream_chunk_event(current.session_id, message_id, text, last)
-            if current.status != "streaming":
-                finished = await parts.messages.store.by_message_id(message_id)
-                if finished is not None:
-                    yield stream_end_from(finished)
-                return
-            async for frame in tap.frames(_idle_timeout(parts)):
-                if frame.get("message_id") != message_id:
+
+async def _resumed(
+    parts: Components, tap: Tap, message_id: str, from_index: int
+) -> AsyncIterator[JSON]:
+    """An answer from `from_index` on: buffered chunks, then live ones, to its end."""
+    try:
+        # Read the buffer only now that the tap catches live frames: nothing falls between.
+        current = await parts.streams.buffer.read(message_id, from_index)
+        if current is None:
+            return
+        yield events.stream_start_event(
+            current.session_id,
+            message_id,
+            current.meta.get("sender_id", ""),
+            current.meta.get("reply_to", ""),
+            None,
+        )
+        last = from_index - 1
+        for offset, text in enumerate(current.chunks):
+            last = from_index + offset
+            yield events.stream_chunk_event(current.session_id, message_id, text, last)
+        if current.status != "streaming":
+            finished = await parts.messages.store.by_message_id(message_id)
+            if finished is not None:
+                yield stream_end_from(finished)
+            return
+        async for frame in tap.frames(_idle_timeout(parts)):
+            if frame.get("message_id") != message_id:
+                continue
+            kind = frame.get("type")
+            if kind == "stream_chunk":
+                if int(frame.get("index", -1)) <= last:
                     continue
-                kind = frame.get("type")
-                if kind == "stream_chunk":
-                    if int(frame.get("index", -1)) <= last:
-                        continue
-                    last = int(frame["index"])
-                    yield frame
-                elif kind == "error":
-                    yield frame
-                elif kind == "stream_end":
-                    yield frame
-                    return
-        finally:
-            await tap.close()
-
-    return _sse(resumed())
+                last = int(frame["index"])
+                yield frame
+            elif kind == "error":
+                yield frame
+            elif kind == "stream_end":
+                yield frame
+                return
+    finally:
+        await tap.close()
 
 
 @router.post("/streams/{message_id}/cancel", status_code=202)

@@ -172,6 +172,27 @@ class StreamService:
             return
         message_id = new_id("msg")
         started = time.monotonic()
+        # The cancel switch exists before anyone can learn the answer's id.
+        cancel = asyncio.Event()
+        self._running[message_id] = cancel
+        try:
+            await self._stream_answer(
+                session_id, current, agent, question, message_id, cancel, lease, started
+            )
+        finally:
+            self._running.pop(message_id, None)
+
+    async def _stream_answer(
+        self,
+        session_id: str,
+        current: Session,
+        agent: Agent,
+        question: Message,
+        message_id: str,
+        cancel: asyncio.Event,
+        lease: str,
+        started: float,
+    ) -> None:
         await self.buffer.open(
             message_id, session_id, {"sender_id": str(agent.id), "reply_to": question.message_id}
         )
@@ -185,8 +206,6 @@ class StreamService:
         request = AgentRequest(
             agent=agent, settings=agent.settings, turns=await self._context(agent, question)
         )
-        cancel = asyncio.Event()
-        self._running[message_id] = cancel
         renewing = asyncio.create_task(self._keep_lease(lease))
         try:
             await self._generate(
@@ -194,7 +213,6 @@ class StreamService:
             )
         finally:
             renewing.cancel()
-            self._running.pop(message_id, None)
         latency_ms = int((time.monotonic() - started) * 1000)
         chunks = len(outcome.text)
         seq = await self._store(current, agent, message_id, outcome, question, latency_ms, chunks)
@@ -385,6 +403,20 @@ class StreamService:
             raise NotFound("no such stream", code="STREAM_NOT_FOUND")
         await self.sessions.require_member(principal, stored.session_id)
         return None, stored
+
+    async def answer_to(self, question: Message) -> tuple[StreamState | None, Message | None]:
+        """The answer to a user message: streaming (its buffer), stored, or not begun."""
+        for message_id in await self.buffer.active(question.session_id):
+            state = await self.buffer.read(message_id)
+            if state is not None and state.meta.get("reply_to") == question.message_id:
+                return state, None
+        for message in await self.store.after_seq(question.session_id, question.seq, 200):
+            if (
+                message.message_type == MessageType.STREAM
+                and (message.metadata or {}).get("reply_to") == question.message_id
+            ):
+                return None, message
+        return None, None
 
     async def active_states(self, session_id: str) -> list[StreamState]:
         """Answers in progress in a session, with all their chunks (WS resume)."""

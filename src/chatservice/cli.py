@@ -88,7 +88,10 @@ async def _database_problem(settings: Settings) -> str | None:
 async def _redis_problem(url: str) -> str | None:
     from redis.asyncio import Redis
 
-    client = Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        client = Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    except ValueError as exc:  # e.g. no redis:// scheme
+        return f"REDIS_URL is not a Redis URL ({_safe_url(url)}): {exc}"
     try:
         await client.ping()
     except Exception as exc:

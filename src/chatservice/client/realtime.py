@@ -72,6 +72,7 @@ class RealtimeConnection:
         self._max_size = max_size
         self._ws: ClientConnection | None = None
         self._stream_seen: dict[str, int] = {}  # answer id -> highest index passed on
+        self._reconnecting = asyncio.Lock()
 
     @property
     def base_url(self) -> str:
@@ -110,8 +111,18 @@ class RealtimeConnection:
         if self._ws is not None:
             await self._ws.close()
 
-    async def _reconnect(self, cause: ConnectionClosed) -> None:
-        """Connect again, resuming after `last_seq`; raise `cause` if it cannot."""
+    async def _reconnect(self, cause: ConnectionClosed, broken: ClientConnection | None) -> None:
+        """Connect again, resuming after `last_seq`; raise `cause` if it cannot.
+
+        A reader and a writer task may both notice the same drop: the first repairs it,
+        the second finds a new connection in place and uses it.
+        """
+        async with self._reconnecting:
+            if self._ws is not broken:
+                return
+            await self._connect_again(cause)
+
+    async def _connect_again(self, cause: ConnectionClosed) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.reconnect_timeout
         delay = BACKOFF_FIRST
@@ -139,14 +150,15 @@ class RealtimeConnection:
         client_msg_id, so one that did arrive before the drop is not stored twice)."""
         text = orjson.dumps(frame).decode()
         while True:
+            socket = self._socket()
             try:
-                await self._socket().send(text)
+                await socket.send(text)
                 return
             except _WSClosed as exc:
                 closed = _closed(exc)
                 if not self._recoverable(closed):
                     raise closed from exc
-                await self._reconnect(closed)
+                await self._reconnect(closed, socket)
 
     async def send_message(
         self, content: str, *, client_msg_id: str | None = None, metadata: JSON | None = None
@@ -176,13 +188,14 @@ class RealtimeConnection:
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            socket = self._socket()
             try:
-                raw = await asyncio.wait_for(self._socket().recv(), remaining)
+                raw = await asyncio.wait_for(socket.recv(), remaining)
             except _WSClosed as exc:
                 closed = _closed(exc)
                 if not self._recoverable(closed):
                     raise closed from exc
-                await self._reconnect(closed)
+                await self._reconnect(closed, socket)
                 continue
             frame: JSON = orjson.loads(raw)
             if self._already_delivered(frame):

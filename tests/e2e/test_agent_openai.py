@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from chatservice.agents.context import DEFAULT_SYSTEM_PROMPT
 from chatservice.auth import TokenCodec
-from chatservice.services.streams import DEFAULT_SYSTEM_PROMPT
 from tests.conftest import ServerProcess, new_user, start_server
 from tests.e2e.agent_helpers import (
     API,

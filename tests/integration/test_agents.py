@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 
 from chatservice import events
 from chatservice.agents.base import AgentRequest, Delta, Turn, Usage
+from chatservice.agents.context import DEFAULT_SYSTEM_PROMPT
 from chatservice.agents.demo import DemoAgent, demo_answer
 from chatservice.agents.openai import OpenAIAgent
 from chatservice.components import Components
@@ -24,7 +25,6 @@ from chatservice.domain import Agent, NewSession, Principal
 from chatservice.services.agents import public_settings
 from chatservice.services.errors import Forbidden, InvalidInput, NotFound
 from chatservice.services.messages import Draft
-from chatservice.services.streams import DEFAULT_SYSTEM_PROMPT
 from chatservice.store.tables import chat_messages
 from tests.conftest import new_user
 from tests.fakes.openai_server import FakeOpenAI, answer_text, piece, running_fake

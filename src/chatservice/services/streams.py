@@ -29,6 +29,7 @@ from chatservice.agents.base import (
     Turn,
     Usage,
 )
+from chatservice.agents.context import build_context
 from chatservice.bus.base import Bus, Locks, StreamBuffer, StreamState
 from chatservice.domain import (
     JSON,
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 
 CANCEL_CHANNEL = "chat:stream:cancel"
 LEASE_SECONDS = 15.0
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant in a chat conversation."
 
 
 @dataclass(slots=True)
@@ -343,25 +343,10 @@ class StreamService:
         return stored.seq
 
     async def _context(self, agent: Agent, question: Message) -> list[Turn]:
-        """The system prompt, then the newest messages up to the question within budget."""
         history = await self.store.recent(
             question.session_id, question.seq, self.limits.context_messages
         )
-        turns: list[Turn] = []
-        budget = self.limits.context_chars
-        for message in reversed(history):  # newest first, until the budget is spent
-            if message.sender_type == SenderType.SYSTEM or not message.content:
-                continue
-            if len(message.content) > budget:
-                if not turns:  # the question itself always goes, cut to the budget
-                    turns.append(Turn("user", message.content[-budget:]))
-                break
-            budget -= len(message.content)
-            role = "assistant" if message.sender_type == SenderType.AGENT else "user"
-            turns.append(Turn(role, message.content))
-        turns.reverse()
-        prompt = str(agent.settings.get("system_prompt") or DEFAULT_SYSTEM_PROMPT)
-        return [Turn("system", prompt), *turns]
+        return build_context(agent, history, self.limits.context_chars)
 
     async def _keep_lease(self, lease: str) -> None:
         while True:

@@ -33,7 +33,7 @@ from chatservice.bus.redis_streams import RedisLocks, RedisStreamBuffer
 from chatservice.bus.streams import MemoryLocks, MemoryStreamBuffer
 from chatservice.components import Components
 from chatservice.config import Settings
-from chatservice.realtime.connection import CLOSE_GOING_AWAY
+from chatservice.realtime.connection import CLOSE_SERVICE_RESTART
 from chatservice.realtime.hub import Hub
 from chatservice.services.agents import AgentService
 from chatservice.services.messages import MessageService
@@ -158,7 +158,7 @@ async def start_components(parts: Components) -> None:
 
 async def stop_components(parts: Components) -> None:
     await parts.streams.stop()
-    await parts.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+    await parts.hub.close_all(CLOSE_SERVICE_RESTART, "server shutting down")
     await parts.hub.stop()
     await parts.bus.close()
     if parts.redis is not None:

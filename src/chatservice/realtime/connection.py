@@ -11,7 +11,8 @@ log = logging.getLogger(__name__)
 
 # Close codes of the native protocol (README, "Close codes").
 CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
+# The server is stopping (uvicorn closes its WebSockets with this code on shutdown too).
+CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_UNAUTHORIZED = 4401

@@ -293,6 +293,24 @@ class Recorder:
             pass
 
 
+async def wait_all(recorders: Iterable[Recorder], seq: int, timeout: float) -> None:
+    """Every recorder reaches `seq`; on failure, say where each one stands."""
+    recorders = list(recorders)
+
+    def reached() -> bool:
+        return all(r.seqs and max(r.seqs) >= seq for r in recorders)
+
+    try:
+        await eventually(reached, timeout, f"every client reaches seq {seq}")
+    except AssertionError as exc:
+        state = [
+            f"{r.name}: {len(r.seqs)} msgs, last {r.seqs[-3:]}, missing "
+            f"{sorted(set(range(1, seq + 1)) - set(r.seqs))[:12]}, ended={r.closed!r}"
+            for r in recorders
+        ]
+        raise AssertionError(f"{exc}:\n" + "\n".join(state)) from None
+
+
 async def stop_all(recorders: Iterable[Recorder]) -> None:
     await asyncio.gather(*(r.stop() for r in recorders))
 
@@ -326,6 +344,22 @@ async def numsub(redis_url: str, channel: str) -> int:
         return int(count)
     finally:
         await client.aclose()
+
+
+def unhandled_errors(log: str) -> list[str]:
+    """ERROR lines and logged tracebacks of a server log, one summary line each."""
+    found = []
+    for line in log.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if "Traceback" in line:
+                found.append(line[:300])
+            continue
+        if record.get("level") in ("ERROR", "CRITICAL") or "exception" in record:
+            error = str(record.get("exception", "")).strip().splitlines()
+            found.append(f"{record.get('message', '')[:200]} | {error[-1] if error else ''}")
+    return found
 
 
 def ws_address(base_url: str, session_id: str, token: str, **params: Any) -> str:

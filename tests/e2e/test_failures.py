@@ -1,5 +1,5 @@
-"""Failures lose nothing: Redis dies and comes back, an instance is SIGKILLed, an instance
-restarts, a client is cut for reading too slowly, Redis is missing at start-up.
+"""Failures lose nothing: Redis dies and comes back (busy or idle), an instance is SIGKILLed,
+an instance restarts, a client is cut for reading too slowly, Redis is missing at start-up.
 
 Each test has its own Redis and instances (they get killed); all share the run's
 PostgreSQL database. The SDK connections here repair themselves (reconnect with backoff
@@ -35,9 +35,12 @@ from tests.e2e.scaleout_helpers import (
     Recorder,
     assert_complete,
     eventually,
+    numsub,
     restart_on_same_port,
     start_cluster,
     stop_all,
+    unhandled_errors,
+    wait_all,
     ws_address,
 )
 
@@ -151,12 +154,17 @@ async def test_redis_killed_and_restarted_while_clients_chat_loses_nothing(
         assert len(rest_during_outage) >= 10, rest_during_outage
         slowest = max(t for _, _, t in rest_during_outage)
         assert slowest < 5, f"a REST send during the outage took {slowest:.1f}s"
-        # Each side's messages reach the other side's clients through Redis again: the
-        # instances re-subscribed on their own (nothing local would fill this gap).
+        # Both instances subscribed again on their own...
+        await eventually(
+            lambda: _same(numsub(cluster.redis.url, f"chat:session:{sid}"), 2),
+            5,
+            "both instances subscribed to the session again",
+        )
+        # ...so each side's messages reach every client through Redis again (no later
+        # message follows these to fill a gap from the database).
         for marker_from in (a, b):
             sent = await alice.on(marker_from).send_message(sid, f"marker from {marker_from}")
-            for rec in recorders:
-                await rec.wait_seq(sent["seq"], timeout=10)
+            await wait_all(recorders, sent["seq"], timeout=10)
         history = await carol.on(b).history(sid)
         assert [m["seq"] for m in history] == list(range(1, len(history) + 1))
         assert {s for _, s, _ in rest_during_outage} <= {m["seq"] for m in history}  # stored
@@ -168,9 +176,53 @@ async def test_redis_killed_and_restarted_while_clients_chat_loses_nothing(
             log = server.log()
             assert "delivering locally only" in log  # the outage was logged
             assert "redis bus reconnected" in log
-            assert "Traceback" not in log
+            errors = unhandled_errors(log)
+            assert errors == [], f"{server.base_url} logged errors: {errors}"
     finally:
         await stop_all(recorders)
+
+
+async def test_first_messages_after_a_redis_restart_reach_the_other_instance(
+    cluster: Cluster, people: People
+) -> None:
+    """Redis restarts while the instances are idle. Once both are back (subscribed again),
+    the next message of each of several conversations, sent on A, must reach the
+    conversation's client on B. Each is the last message of its session, so a publish
+    that did not reach Redis would never be repaired by a later one's gap fill."""
+    a, b = cluster.a.base_url, cluster.b.base_url
+    rooms: list[tuple[Person, str, Recorder]] = []
+    try:
+        for i in range(12):
+            (alice, bob), sid = await people.group(f"alice{i}", f"bob{i}")
+            rooms.append((alice, sid, await sdk(b, sid, bob, f"bob{i}@B")))
+            await alice.on(a).send_message(sid, "before")
+        for _, _, rec in rooms:
+            await rec.wait_seq(1, 5)
+        cluster.redis.kill()
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(cluster.redis.start)
+        for _, sid, _ in rooms:
+            await eventually(
+                lambda sid=sid: _same(numsub(cluster.redis.url, f"chat:session:{sid}"), 1),
+                15,
+                "B subscribed again",
+            )
+        for url in (a, b):
+            await eventually(lambda u=url: ready(u), 5, f"{url} ready")
+        # One message per conversation, sent at the same time (as busy users would).
+        sent = await asyncio.gather(
+            *(alice.on(a).send_message(sid, "after the restart") for alice, sid, _ in rooms)
+        )
+        assert [m["seq"] for m in sent] == [2] * len(rooms)
+        await asyncio.sleep(3)  # ample: live delivery takes milliseconds
+        missed = [rec.name for _, _, rec in rooms if 2 not in rec.seqs]
+        local_only = cluster.a.log().count("delivering locally only")
+        assert missed == [], (
+            f"{len(missed)} of {len(rooms)} clients on B never got the message sent on A "
+            f"after Redis came back (A logged {local_only} local-only publishes): {missed}"
+        )
+    finally:
+        await stop_all(rec for _, _, rec in rooms)
 
 
 async def test_presence_recovers_after_a_redis_restart(cluster: Cluster, people: People) -> None:
@@ -326,7 +378,7 @@ async def test_sdk_resumes_after_its_instance_restarts_on_the_same_port(
     try:
         await alice_a.wait_seq(20, timeout=10)
         old = cluster.a
-        await asyncio.to_thread(old.stop)  # SIGTERM: the server closes its sockets (1001)
+        await asyncio.to_thread(old.stop)  # SIGTERM: the server closes its sockets (1012)
         assert old.process.returncode is not None
         await asyncio.sleep(0.3)  # messages keep coming while A is down
         cluster.servers[0] = await asyncio.to_thread(restart_on_same_port, old)
@@ -345,10 +397,10 @@ async def test_sdk_resumes_after_its_instance_restarts_on_the_same_port(
         await stop_all([alice_a])
 
 
-async def test_stopping_an_instance_closes_its_sockets_with_1001(
+async def test_stopping_an_instance_closes_its_sockets_with_1012(
     tmp_path: Path, postgres_url: str, tokens: TokenCodec
 ) -> None:
-    """README, close codes: `1001` server shutting down (clients then reconnect)."""
+    """README, close codes: `1012` server shutting down or restarting (reconnect)."""
     single = start_cluster(tmp_path, postgres_url, count=1)
     people = People(single, tokens)
     try:
@@ -358,15 +410,19 @@ async def test_stopping_an_instance_closes_its_sockets_with_1001(
         stopping = asyncio.create_task(asyncio.to_thread(single.a.stop))
         code = await close_code(ws, timeout=10)
         await stopping
-        assert code == 1001, f"closed with {code} when the instance shut down"
+        assert code == 1012, f"closed with {code} when the instance shut down"
     finally:
         await people.aclose()
         single.stop()
 
 
-@pytest.fixture
-def small_queue_cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
-    made = start_cluster(tmp_path, postgres_url, WS_SEND_QUEUE_SIZE=4)
+@pytest.fixture(scope="module")
+def small_queue_cluster(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str
+) -> Iterator[Cluster]:
+    """Instances that cut a connection with 4008 once 4 frames wait for it (nothing is
+    killed here, so the tests using it share it)."""
+    made = start_cluster(tmp_path_factory.mktemp("small-queue"), postgres_url, WS_SEND_QUEUE_SIZE=4)
     yield made
     made.stop()
 
@@ -381,6 +437,7 @@ async def test_sdk_resumes_after_being_cut_with_4008(
     (alice, bob), sid = await people.group("alice", "bob")
     a, b = cluster.a.base_url, cluster.b.base_url
     total = 120
+    log_mark = len(cluster.a.log())
     live = await RealtimeConnection(a, sid, alice.token).connect()
 
     async def sender() -> None:
@@ -406,7 +463,7 @@ async def test_sdk_resumes_after_being_cut_with_4008(
                 received.append(frame)
         await asyncio.wait_for(sending, 30)
         assert live.reconnects >= 2, live.reconnects
-        assert "send queue full" in cluster.a.log()  # the cuts were the server's 4008s
+        assert "send queue full" in cluster.a.log()[log_mark:]  # the server's 4008s
         history = await alice.on(b).history(sid)
         assert [(f["seq"], f["message_id"]) for f in received] == [
             (m["seq"], m["message_id"]) for m in history

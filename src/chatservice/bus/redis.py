@@ -68,13 +68,22 @@ class RedisBus:
 
     async def ping(self) -> None:
         await self.redis.ping()
+        if not self._connected.is_set():
+            raise ConnectionError("the pub/sub link to Redis is reconnecting")
 
     async def publish(self, channel: str, data: bytes) -> None:
-        try:
-            await self.redis.publish(channel, data)
-        except (RedisError, OSError) as exc:
-            log.warning("redis publish on %s failed (%s); delivering locally only", channel, exc)
-            self._dispatch(channel, data)
+        # Twice: after a Redis restart the pool's idle connections are dead, and the
+        # first command on each fails although Redis is back.
+        for attempt in (1, 2):
+            try:
+                await self.redis.publish(channel, data)
+                return
+            except (RedisError, OSError) as exc:
+                if attempt == 2:
+                    log.warning(
+                        "redis publish on %s failed (%s); delivering locally only", channel, exc
+                    )
+        self._dispatch(channel, data)
 
     async def subscribe(self, channels: Sequence[str], handler: Handler) -> None:
         loop = asyncio.get_running_loop()

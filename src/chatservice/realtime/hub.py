@@ -131,9 +131,15 @@ class Room:
                     for seq, text in frames:
                         if self.released < seq < first:
                             self._waiting.setdefault(seq, (text, None))
-                    # What is still missing below `first` is not in the database (a
-                    # deleted message): skip it rather than wait for it forever.
-                    self.released = max(self.released, min(self._waiting) - 1)
+                    # Live frames or a resync may have moved things on during the fetch.
+                    if not self._waiting or min(self._waiting) <= self.released + 1:
+                        self._release_contiguous()
+                        continue
+                    # What is still missing in the window just fetched is not in the
+                    # database (a deleted message): skip it rather than wait forever.
+                    # (A gap beyond `first` opened meanwhile gets its own fetch.)
+                    if min(self._waiting) <= first:
+                        self.released = min(self._waiting) - 1
                 self._release_contiguous()
         finally:
             self._gap_task = None

@@ -51,6 +51,9 @@ class RedisBus:
         await self.redis.ping()  # fail start-up clearly when Redis is unreachable
         self._pubsub = self.redis.pubsub()
         self._reader = asyncio.create_task(self._read_forever(), name="redis-bus-reader")
+        # Ready means the pub/sub link is up too (readiness checks it).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), SUBSCRIBE_TIMEOUT)
 
     async def close(self) -> None:
         self._closing = True

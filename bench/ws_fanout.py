@@ -1,57 +1,78 @@
 #!/usr/bin/env python
-"""WebSocket fan-out benchmark: rooms x members, one windowed sender per room.
+"""WebSocket fan-out benchmark: rooms x members, windowed or paced senders, 1 or 2 instances.
 
     .venv/bin/python bench/ws_fanout.py --backend sqlite|postgres|both \
+        [--scenario windowed|many-small] [--bus memory|redis] [--instances 1|2] \
         [--rooms 10 --members 50 --window 20 --duration 10]
+
+Scenarios (`--scenario`; `--rooms`, `--members`, `--senders`, `--window`, `--rate` override):
+  windowed    10 rooms x 50 members, member 0 of each room sends as fast as a window of 20
+              unacknowledged messages allows (the core issue's benchmark, the default).
+  many-small  100 rooms x 5 members, every member sends at a steady 2 msgs/s (paced on a
+              fixed schedule, not windowed), so 1000 msgs/s are offered in all.
 
 What it does, for each backend:
 
-1. Starts its own `chat-service serve` on a free 127.0.0.1 port with a fixed
+1. Starts `--instances` `chat-service serve` processes on free 127.0.0.1 ports with a fixed
    JWT_SECRET_KEY (so it mints tokens itself with `chatservice.auth.TokenCodec`),
-   LOG_LEVEL=WARNING, RATE_LIMIT_ENABLED=false, no REDIS_URL (the in-process bus) and
-   WS_MAX_CONNECTIONS raised above rooms x members. SQLite lives in a
-   temporary DATA_DIR; PostgreSQL gets a fresh database (created with asyncpg on
-   BENCH_POSTGRES_URL, default postgresql://postgres@127.0.0.1:5432/test, migrated with
-   `chat-service migrate`, dropped at the end).
+   LOG_LEVEL=WARNING, RATE_LIMIT_ENABLED=false and WS_MAX_CONNECTIONS raised above
+   rooms x members. SQLite lives in a temporary DATA_DIR (one instance only); PostgreSQL
+   gets a fresh database (created with asyncpg on BENCH_POSTGRES_URL, default
+   postgresql://postgres@127.0.0.1:5432/test, migrated with `chat-service migrate`, dropped
+   at the end) that every instance shares, with DATABASE_POOL_SIZE=`--db-pool` and no
+   overflow per instance. `--bus memory` leaves REDIS_URL unset (the in-process bus);
+   `--bus redis` starts the benchmark's own `redis-server` on a free port (no persistence,
+   stopped at the end) and gives every instance its REDIS_URL. Two instances need
+   PostgreSQL and Redis.
 2. Creates `--rooms` group sessions of `--members` users each over REST (SDK `ChatClient`),
    then connects every member over WebSocket, `--connect-batch` handshakes at a time, and
    waits for a `pong` on each connection: the server answers `ping` only once the
    connection is attached to the hub, so every connection is known to be live before the
-   first message is sent.
-3. Member 0 of each room is its sender. For `--duration` seconds it sends `message` frames
-   (with a `client_msg_id`) as fast as a window of `--window` unacknowledged messages
-   allows; a message is acknowledged when the sender receives its own echo. Each message
-   carries its send time (`metadata.t`, wall clock in µs) so every receiver measures the
-   delivery latency (receive time - send time; all processes share the machine's clock).
+   first message is sent. With two instances the members of each room alternate between
+   them (member i of room r goes to instance (r + i) mod 2), senders included.
+3. Members 0 .. `--senders`-1 of each room are its senders. For `--duration` seconds each
+   sends `message` frames (with a `client_msg_id`), either as fast as a window of
+   `--window` unacknowledged messages allows (windowed; a message is acknowledged when its
+   sender receives its own echo) or at `--rate` msgs/s on a fixed schedule (many-small;
+   the senders' schedules are staggered evenly over one period). Each message carries its
+   send time (`metadata.t`, wall clock in µs) so every receiver measures the delivery
+   latency (receive time - send time; all processes share the machine's clock).
 4. When the time is up it stops sending, waits (bounded by `--drain-timeout`) for the
-   senders' windows and every receiver to drain, and prints: messages sent, deliveries
-   expected (sent x members: the sender's own echo counts), deliveries received, delivered
-   messages/s, p50/p99 delivery latency, lost deliveries, and whether every connection got
-   its room's messages with seq 1, 2, 3, … (strictly increasing, no gap, no duplicate).
+   senders' own echoes and then for every connection to drain, and prints: messages sent,
+   deliveries expected (sent x members: every member of a room, its senders included,
+   receives every message of the room), deliveries received, delivered messages/s,
+   p50/p99 delivery latency, lost deliveries, and whether every connection got its room's
+   messages with seq 1, 2, 3, … (strictly increasing, no gap, no duplicate).
+   With Redis it reads `INFO commandstats` from its own redis-server just before sending
+   starts and again once the last delivery has arrived, and prints the commands Redis
+   executed in between (every command, those run inside Lua scripts included, minus the
+   benchmark's own INFO) per delivered message, and the PUBLISH calls per message sent.
    It cross-checks over REST that each room stores exactly the number of messages sent,
    and shows the CPU each process used during the sending window, to tell whether the
-   server or the load generator was the limit, plus how busy the rest of the machine was
-   (other processes skew the figures; `--wait-quiet` waits for an idle machine first).
+   servers or the load generator were the limit, plus how busy the rest of the machine
+   was (other processes skew the figures; `--wait-quiet` waits for an idle machine first).
    Exit status 1 if any delivery was lost, duplicated or out of order, a send failed or
    the server closed a connection; 2 if the run could not be carried out.
 
-Why the load generator is split the way it is: the server and the generator share a 2-core
-machine and both are single-threaded Python, so a generator that cannot keep up would
-measure itself. The receivers (all connections but the senders, 490 by default) therefore
+Why the load generator is split the way it is: the servers and the generator share a
+2-core machine and are single-threaded Python, so a generator that cannot keep up would
+measure itself. The receivers that never send (490 in the windowed scenario) therefore
 run in a separate process (`--receiver-procs`, default 1) on the plain `websockets` asyncio
 API: `recv(decode=False)` hands raw bytes straight to `orjson.loads`, one task per
 connection, no per-frame `wait_for`, uvloop when available, and per-frame work is a seq
-comparison, a counter and one integer appended to an array. The senders (10 connections)
-stay in the main process and use the SDK's `RealtimeConnection` (automatic reconnect off,
-so a dropped connection is reported rather than repaired) — their rate is bounded
-by the window, not by the client, so the SDK's per-frame convenience (a `wait_for` per
-receive) costs nothing that matters — and setup and the final check use the SDK's
-`ChatClient`. The CPU line of the report shows the share of a core each process used: if
-the receiver process sits near 100 % the figures describe the generator, not the server.
+comparison, a counter and one integer appended to an array. The senders (10 connections
+windowed, 500 in many-small) stay in the main process and use the SDK's
+`RealtimeConnection` (automatic reconnect off, so a dropped connection is reported rather
+than repaired; websockets' client keepalive off, as on the receivers: `SenderConnection`
+says why), read with `receive()` without a timeout (no per-frame `wait_for` task) —
+their rate is bounded by the window or the schedule, not by the client — and setup and the
+final check use the SDK's `ChatClient`. The CPU line of the report shows the share of a
+core each process used: if the receiver or sender process sits near 100 % the figures
+describe the generator, not the server.
 
-Every wait is bounded; the server, the receiver processes, the temporary directory and
-the PostgreSQL database are cleaned up on success, on errors and on Ctrl-C/SIGTERM.
-All traffic goes to 127.0.0.1.
+Every wait is bounded; the servers, the redis-server, the receiver processes, the
+temporary directory and the PostgreSQL database are cleaned up on success, on errors and
+on Ctrl-C/SIGTERM. All traffic goes to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -71,7 +92,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from multiprocessing.connection import Connection as Pipe
@@ -97,6 +118,29 @@ SERVER_READY_TIMEOUT = 30.0
 SERVER_STOP_TIMEOUT = 10.0
 MIGRATE_TIMEOUT = 120.0
 PING_TIMEOUT = 15.0
+REDIS_READY_TIMEOUT = 10.0
+
+# What each scenario means when --rooms/--members/--senders/--window/--rate/--drain-timeout
+# are not given. `window` set = windowed senders; `rate` set = paced senders.
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "windowed": {
+        "rooms": 10,
+        "members": 50,
+        "senders": 1,
+        "window": 20,
+        "rate": None,
+        "drain_timeout": 30.0,
+    },
+    "many-small": {
+        "rooms": 100,
+        "members": 5,
+        "senders": 5,
+        "window": None,
+        "rate": 2.0,
+        # 1000 msgs/s offered is more than one instance stores: the tail can be long.
+        "drain_timeout": 120.0,
+    },
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,7 +223,7 @@ def top_outsiders(
     )
 
 
-def percentile(sorted_values: list[int], q: float) -> float:
+def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values."""
     if not sorted_values:
         return math.nan
@@ -239,6 +283,7 @@ class Server:
     process: subprocess.Popen[bytes]
     base_url: str
     log_path: Path
+    name: str = "server"
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -276,7 +321,13 @@ class Server:
                 self.process.wait(5)
 
 
-def server_env(workdir: Path, database_url: str | None, max_connections: int) -> dict[str, str]:
+def server_env(
+    workdir: Path,
+    database_url: str | None,
+    max_connections: int,
+    redis_url: str | None = None,
+    db_pool: int | None = None,
+) -> dict[str, str]:
     env = {
         **os.environ,
         "DATA_DIR": str(workdir / "data"),
@@ -284,19 +335,36 @@ def server_env(workdir: Path, database_url: str | None, max_connections: int) ->
         "LOG_LEVEL": "WARNING",
         "WS_MAX_CONNECTIONS": str(max_connections),
     }
-    # The scenario is the embedded single instance: in-process bus, no rate limit (it
-    # would cap a sender long before the server's capacity), whatever the caller's env.
+    # No rate limit (it would cap a sender long before the server's capacity), and the
+    # bus and database the run asks for, whatever the caller's env.
     env["RATE_LIMIT_ENABLED"] = "false"
-    for name in ("DEBUG", "DATABASE_URL", "REDIS_URL"):
+    for name in (
+        "DEBUG",
+        "DATABASE_URL",
+        "REDIS_URL",
+        "DATABASE_POOL_SIZE",
+        "DATABASE_MAX_OVERFLOW",
+        "REDIS_MAX_CONNECTIONS",
+        "REDIS_POOL_SIZE",
+    ):
         env.pop(name, None)
     if database_url:
         env["DATABASE_URL"] = database_url
+        if db_pool is not None:
+            # A fixed pool per instance: two instances at the default 20 + 40 could open
+            # 120 connections against PostgreSQL's default max_connections=100.
+            env["DATABASE_POOL_SIZE"] = str(db_pool)
+            env["DATABASE_MAX_OVERFLOW"] = "0"
+    if redis_url:
+        env["REDIS_URL"] = redis_url
     return env
 
 
-def start_server(workdir: Path, env: dict[str, str], profile: Path | None = None) -> Server:
+def start_server(
+    workdir: Path, env: dict[str, str], profile: Path | None = None, name: str = "server"
+) -> Server:
     port = free_port()
-    log_path = workdir / "server.log"
+    log_path = workdir / f"{name}.log"
     command = [sys.executable, "-m", "chatservice.cli", "serve"]
     command += ["--host", HOST, "--port", str(port)]
     if profile is not None:  # cProfile of the server's event-loop thread, written at exit
@@ -310,7 +378,7 @@ def start_server(workdir: Path, env: dict[str, str], profile: Path | None = None
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
         )
-    server = Server(process, f"http://{HOST}:{port}", log_path)
+    server = Server(process, f"http://{HOST}:{port}", log_path, name)
     deadline = time.monotonic() + SERVER_READY_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -321,6 +389,76 @@ def start_server(workdir: Path, env: dict[str, str], profile: Path | None = None
         time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"server not ready within {SERVER_READY_TIMEOUT}s:\n{server.log_tail()}")
+
+
+@dataclass
+class RedisServer:
+    """The benchmark's own redis-server: no persistence, 127.0.0.1 only."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(SERVER_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(workdir: Path) -> RedisServer:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("--bus redis needs redis-server on PATH (apt-get install redis-server)")
+    last = ""
+    for _attempt in range(3):  # the free port may be taken before redis-server binds it
+        port = free_port()
+        log_path = workdir / f"redis-{port}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [
+                    *(binary, "--port", str(port), "--bind", HOST),
+                    *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
+                ],
+                cwd=workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        server = RedisServer(process, port)
+        deadline = time.monotonic() + REDIS_READY_TIMEOUT
+        while time.monotonic() < deadline and process.poll() is None:
+            if _redis_answers(port):
+                return server
+            time.sleep(0.05)
+        server.stop()
+        last = log_path.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"redis-server did not start:\n{last}")
+
+
+async def redis_calls(client: Any) -> dict[str, int]:
+    """Calls per command since redis-server started (`INFO commandstats`)."""
+    stats = await asyncio.wait_for(client.info("commandstats"), 10)
+    return {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if isinstance(value, dict) and "calls" in value
+    }
 
 
 def _database_url(name: str) -> str:
@@ -549,9 +687,10 @@ class Worker:
 @dataclass
 class Sender:
     room: int
+    slot: int  # which of the room's senders (member index)
     user_id: str
     live: RealtimeConnection
-    window: asyncio.Semaphore
+    window: asyncio.Semaphore | None  # None: paced, not windowed
     tally: Tally
     sent: int = 0
     pending: set[str] = field(default_factory=set)
@@ -560,20 +699,37 @@ class Sender:
     # in µs. The server stamps a message inside its write transaction, once it holds the
     # session row (PostgreSQL's clock_timestamp()) or the write lock (SQLite).
     split: list[tuple[int, int]] = field(default_factory=list)
+    # Paced senders: how late each send left against its schedule, in seconds.
+    lags: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     last_ns: int = 0
-    done_sending: bool = False
+
+
+class SenderConnection(RealtimeConnection):
+    """The SDK's connection with websockets' client keepalive turned off, as for the
+    receivers. The server reads a connection's frames one at a time, and uvicorn stops
+    reading the socket until the app takes the frame in hand, so a keepalive ping waits
+    behind every frame the sender wrote before it. When more is offered than the server
+    stores (many-small), that wait passes websockets' 20 s ping timeout: the generator
+    would close its own connection (1011), and the frames written but not yet read would
+    never be stored. `--sender-keepalive` keeps the SDK's default to show that."""
+
+    async def connect(self) -> RealtimeConnection:
+        await super().connect()
+        keepalive = self._socket().keepalive_task
+        if keepalive is not None:
+            keepalive.cancel()
+        return self
 
 
 async def sender_reader(sender: Sender) -> None:
-    """Count the sender's own deliveries and free a window slot per echo."""
+    """Count what the sender's connection receives, and free a window slot per own echo.
+
+    Runs until cancelled or the connection closes; `receive()` without a timeout adds no
+    per-frame `wait_for` task."""
     while True:
-        if sender.done_sending and not sender.pending:
-            return
         try:
-            frame = await sender.live.receive(timeout=0.5)
-        except TimeoutError:
-            continue
+            frame = await sender.live.receive()
         except ConnectionClosed as exc:
             sender.tally.closed = f"{exc.code} {exc.reason}"
             return
@@ -588,7 +744,8 @@ async def sender_reader(sender: Sender) -> None:
             ref = frame.get("client_msg_id")
             if frame.get("sender_id") == sender.user_id and ref in sender.pending:
                 sender.pending.discard(ref)
-                sender.window.release()
+                if sender.window is not None:
+                    sender.window.release()
                 with contextlib.suppress(KeyError, TypeError, ValueError):
                     stamped = int(datetime.fromisoformat(frame["timestamp"]).timestamp() * 1e6)
                     sender.split.append((stamped - meta["t"], received // 1000 - stamped))
@@ -597,38 +754,109 @@ async def sender_reader(sender: Sender) -> None:
             ref = frame.get("client_msg_id")
             if ref in sender.pending:
                 sender.pending.discard(ref)
-                sender.window.release()
+                if sender.window is not None:
+                    sender.window.release()
+
+
+async def send_one(sender: Sender, n: int, text: str) -> bool:
+    """Send message `n` of this sender; False once its connection is gone."""
+    ref = f"r{sender.room}-s{sender.slot}-{n}"
+    sender.pending.add(ref)
+    try:
+        await sender.live.send_message(
+            text, client_msg_id=ref, metadata={"t": time.time_ns() // 1000}
+        )
+    except (WSClosed, ConnectionClosed) as exc:
+        # This sender is done; the report says why.
+        sender.pending.discard(ref)
+        sender.errors.append(f"connection closed while sending: {exc}")
+        return False
+    sender.sent += 1
+    return True
 
 
 async def sender_writer(sender: Sender, end_at: float) -> None:
     """Send as fast as the window allows until `end_at` (loop time)."""
+    assert sender.window is not None
     loop = asyncio.get_running_loop()
     n = 0
     text = f"bench message from room {sender.room}"
-    try:
-        while (remaining := end_at - loop.time()) > 0:
-            try:
-                await asyncio.wait_for(sender.window.acquire(), remaining)
-            except TimeoutError:
-                break
-            if loop.time() >= end_at:
-                sender.window.release()
-                break
-            n += 1
-            ref = f"r{sender.room}-{n}"
-            sender.pending.add(ref)
-            try:
-                await sender.live.send_message(
-                    text, client_msg_id=ref, metadata={"t": time.time_ns() // 1000}
-                )
-            except (WSClosed, ConnectionClosed) as exc:
-                # This sender is done; the report says why.
-                sender.pending.discard(ref)
-                sender.errors.append(f"connection closed while sending: {exc}")
-                break
-            sender.sent += 1
-    finally:
-        sender.done_sending = True
+    while (remaining := end_at - loop.time()) > 0:
+        try:
+            await asyncio.wait_for(sender.window.acquire(), remaining)
+        except TimeoutError:
+            break
+        if loop.time() >= end_at:
+            sender.window.release()
+            break
+        n += 1
+        if not await send_one(sender, n, text):
+            break
+
+
+async def paced_writer(sender: Sender, first_at: float, period: float, end_at: float) -> None:
+    """Send one message every `period` s from `first_at` until `end_at` (loop time),
+    whether or not earlier ones were answered; a late send goes at once (no skipping)."""
+    loop = asyncio.get_running_loop()
+    n = 0
+    text = f"bench message from room {sender.room} sender {sender.slot}"
+    due = first_at
+    while due < end_at:
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sender.lags.append(max(0.0, loop.time() - due))
+        n += 1
+        if not await send_one(sender, n, text):
+            break
+        due = first_at + n * period
+
+
+async def connect_senders(
+    servers: list[Server],
+    rooms: list[tuple[str, list[str]]],
+    codec: TokenCodec,
+    args: argparse.Namespace,
+    senders: list[Sender],
+    readers: list[asyncio.Task[None]],
+) -> None:
+    """Connect every room's senders, `--connect-batch` at a time, each proven live by a
+    pong, and start reading each at once: a connection nobody reads stops reading its
+    socket once its queue is full, then misses its keepalive pongs and is closed.
+    Appends to `senders` and `readers` as it goes, so the caller can clean up after a
+    failure."""
+    specs = [
+        (room, slot, session_id, users[slot])
+        for room, (session_id, users) in enumerate(rooms)
+        for slot in range(args.senders)
+    ]
+
+    async def one(room: int, slot: int, session_id: str, user: str) -> None:
+        # No automatic reconnect: a connection the server drops must show up in the
+        # report, not be repaired behind the measurement's back.
+        kind = RealtimeConnection if args.sender_keepalive else SenderConnection
+        live = kind(
+            member_base_url(servers, room, slot), session_id, codec.issue(user), reconnect=False
+        )
+        await asyncio.wait_for(live.connect(), 10)
+        window = asyncio.Semaphore(args.window) if args.window else None
+        sender = Sender(room, slot, user, live, window, Tally(room))
+        senders.append(sender)
+        await live.ping()
+        await live.receive_until("pong", timeout=PING_TIMEOUT)
+        readers.append(asyncio.create_task(sender_reader(sender)))
+
+    for start in range(0, len(specs), args.connect_batch):
+        done = await asyncio.gather(
+            *(one(*spec) for spec in specs[start : start + args.connect_batch]),
+            return_exceptions=True,
+        )
+        failures = [r for r in done if isinstance(r, BaseException)]
+        if failures:
+            raise RuntimeError(
+                f"{len(failures)} senders failed to connect, first: "
+                f"{type(failures[0]).__name__}: {failures[0]}"
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -639,9 +867,14 @@ async def sender_writer(sender: Sender, end_at: float) -> None:
 @dataclass
 class Result:
     backend: str
+    scenario: str
+    bus: str
+    instances: int
     rooms: int
     members: int
-    window: int
+    senders: int  # per room
+    window: int | None
+    rate: float | None
     duration: float
     sent: int = 0
     expected: int = 0
@@ -661,11 +894,15 @@ class Result:
     machine_busy: float = 0.0  # cores busy, whole machine (PostgreSQL included)
     server_errors: int = 0
     busy_before: float = 0.0  # cores busy in the second before sending started
-    server_rss_mib: float = 0.0
+    server_rss_mib: list[float] = field(default_factory=list)
     code: str = ""  # git commit of the server code
     outsiders: str = ""  # the busiest other processes while sending
     to_server_p50_ms: float = math.nan
     server_to_echo_p50_ms: float = math.nan
+    lag_p99_ms: float = math.nan  # paced senders: lateness against the schedule
+    lag_max_ms: float = math.nan
+    # Redis: calls per command between just before sending and the last delivery.
+    redis_calls: dict[str, int] | None = None
 
     @property
     def others(self) -> float:
@@ -679,6 +916,27 @@ class Result:
     @property
     def delivered_per_second(self) -> float:
         return self.received / self.delivery_seconds if self.delivery_seconds > 0 else 0.0
+
+    @property
+    def redis_total(self) -> int:
+        return sum(self.redis_calls.values()) if self.redis_calls else 0
+
+    @property
+    def redis_per_delivery(self) -> float:
+        if self.redis_calls is None or not self.received:
+            return math.nan
+        return self.redis_total / self.received
+
+    @property
+    def publish_per_message(self) -> float:
+        if self.redis_calls is None or not self.sent:
+            return math.nan
+        return self.redis_calls.get("publish", 0) / self.sent
+
+    @property
+    def label(self) -> str:
+        instances = f"{self.instances} instance{'s' if self.instances > 1 else ''}"
+        return f"{self.backend}, {self.bus} bus, {instances}, {self.scenario}"
 
     @property
     def ok(self) -> bool:
@@ -701,13 +959,28 @@ class Result:
             else f"FAILED (gaps {self.gaps}, duplicates {self.duplicates}, lost {self.lost})"
         )
         cpu = "  ".join(f"{name} {share:.0%}" for name, share in self.cpu.items())
+        rss = " + ".join(f"{mib:.0f}" for mib in self.server_rss_mib)
+        who = f"{self.senders} sender{'s' if self.senders > 1 else ''}/room"
+        if self.rate is not None:
+            sending = f"{who} at {self.rate:g} msgs/s each (paced)"
+            offered = self.rate * self.senders * self.rooms
+        else:
+            sending = f"{who}, window {self.window}"
+            offered = 0.0
+        sent = f"messages sent:            {self.sent}"
+        if self.send_seconds:
+            sent += f" ({self.sent / self.send_seconds:.0f}/s"
+            if offered:
+                sent += (
+                    f"; offered {offered:.0f}/s, send lateness p99 {self.lag_p99_ms:.1f} ms, "
+                    f"max {self.lag_max_ms:.1f} ms"
+                )
+            sent += ")"
         lines = [
-            f"== {self.backend}: {self.rooms} rooms x {self.members} members ({conns} "
-            f"connections), window {self.window}, {self.duration:g} s of sending",
+            f"== {self.label}: {self.rooms} rooms x {self.members} members ({conns} "
+            f"connections), {sending}, {self.duration:g} s of sending",
             f"server code:              {self.code}",
-            f"messages sent:            {self.sent} ({self.sent / self.send_seconds:.0f}/s)"
-            if self.send_seconds
-            else f"messages sent:            {self.sent}",
+            sent,
             f"deliveries expected:      {self.expected} (sent x {self.members} members, "
             "sender echo included)",
             f"deliveries received:      {self.received}",
@@ -718,10 +991,21 @@ class Result:
             f"lost deliveries:          {self.lost}",
             f"order check:              {order}",
             f"stored (REST total):      {self.stored} of {self.sent} sent",
+        ]
+        if self.redis_calls is not None:
+            top = sorted(self.redis_calls.items(), key=lambda item: (-item[1], item[0]))
+            lines += [
+                f"redis commands:           {self.redis_total} from just before sending to the "
+                f"last delivery = {self.redis_per_delivery:.3f} per delivered message",
+                f"redis PUBLISH:            {self.redis_calls.get('publish', 0)} = "
+                f"{self.publish_per_message:.3f} per message sent",
+                "redis commands by name:   "
+                + (", ".join(f"{name} {calls}" for name, calls in top[:8] if calls) or "-"),
+            ]
+        lines += [
             f"sender echo, p50:         send -> server timestamp {self.to_server_p50_ms:.1f} ms, "
             f"server timestamp -> echo {self.server_to_echo_p50_ms:.1f} ms",
-            f"cpu during sending:       {cpu} (share of one core); server RSS "
-            f"{self.server_rss_mib:.0f} MiB",
+            f"cpu during sending:       {cpu} (share of one core); server RSS {rss} MiB",
             f"machine (all processes):  {self.machine_busy:.2f} of {os.cpu_count()} cores busy "
             f"while sending, {self.others:.2f} of them outside this benchmark; "
             f"{self.busy_before:.2f} busy just before",
@@ -760,11 +1044,21 @@ async def create_rooms(
 async def stored_counts(
     base_url: str, codec: TokenCodec, rooms: list[tuple[str, list[str]]]
 ) -> int:
+    async def one(session_id: str, owner: str) -> int:
+        async with ChatClient(base_url, codec.issue(owner), timeout=30) as chat:
+            return int((await chat.list_messages(session_id, limit=1))["total"])
+
     total = 0
-    for session_id, users in rooms:
-        async with ChatClient(base_url, codec.issue(users[0]), timeout=30) as chat:
-            total += int((await chat.list_messages(session_id, limit=1))["total"])
+    for start in range(0, len(rooms), 10):
+        chunk = rooms[start : start + 10]
+        total += sum(await asyncio.gather(*(one(sid, users[0]) for sid, users in chunk)))
     return total
+
+
+def member_base_url(servers: list[Server], room: int, index: int) -> str:
+    """Members of a room alternate between the instances, senders included; the offset by
+    room spreads rooms with one sender over both instances too."""
+    return servers[(room + index) % len(servers)].base_url
 
 
 def _split(items: list[Member], parts: int) -> Iterator[list[Member]]:
@@ -788,6 +1082,16 @@ async def postgres_backend_pids(database: str) -> list[int]:
     return [int(row["pid"]) for row in rows]
 
 
+async def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll `condition` every 50 ms for at most `timeout` s; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
+
+
 async def quiet_machine(wait: float) -> float:
     """Cores busy over the last two seconds; waits up to `wait` s for them to be < 0.25."""
     deadline = time.monotonic() + wait
@@ -803,25 +1107,45 @@ async def quiet_machine(wait: float) -> float:
 
 
 async def bench(
-    server: Server, backend: str, args: argparse.Namespace, database: str | None
+    servers: list[Server],
+    backend: str,
+    args: argparse.Namespace,
+    database: str | None,
+    redis_server: RedisServer | None,
 ) -> Result:
-    result = Result(backend, args.rooms, args.members, args.window, args.duration)
+    result = Result(
+        backend,
+        args.scenario,
+        args.bus,
+        len(servers),
+        args.rooms,
+        args.members,
+        args.senders,
+        args.window,
+        args.rate,
+        args.duration,
+    )
     codec = TokenCodec(JWT_SECRET)
     run_id = uuid.uuid4().hex[:6]
     compression = None if args.compression == "none" else "deflate"
-    rooms = await create_rooms(server.base_url, codec, args, run_id)
+    rooms = await create_rooms(servers[0].base_url, codec, args, run_id)
 
     receivers: list[Member] = []
     for room, (session_id, users) in enumerate(rooms):
-        for user in users[1:]:
-            url = RealtimeConnection(server.base_url, session_id, codec.issue(user)).url
+        for index, user in enumerate(users):
+            if index < args.senders:
+                continue
+            base = member_base_url(servers, room, index)
+            url = RealtimeConnection(base, session_id, codec.issue(user)).url
             receivers.append(Member(room, session_id, user, url))
 
     ctx = mp.get_context("spawn")
     workers: list[Worker] = []
     senders: list[Sender] = []
     reader_tasks: list[asyncio.Task[None]] = []
-    command_timeout = args.duration + 3 * args.drain_timeout + 120
+    redis_client: Any = None
+    # Bounds the receivers' wait for their next command, so it covers --wait-quiet too.
+    command_timeout = args.wait_quiet + args.duration + 3 * args.drain_timeout + 120
     try:
         for chunk in _split(receivers, args.receiver_procs):
             parent, child = ctx.Pipe()
@@ -844,22 +1168,8 @@ async def bench(
             child.close()
             workers.append(Worker(process, parent, len(chunk)))
 
-        # Senders connect while the receivers do (they are only `rooms` connections).
-        for room, (session_id, users) in enumerate(rooms):
-            # No automatic reconnect: a connection the server drops must show up in the
-            # report, not be repaired behind the measurement's back.
-            live = RealtimeConnection(
-                server.base_url, session_id, codec.issue(users[0]), reconnect=False
-            )
-            await asyncio.wait_for(live.connect(), 10)
-            senders.append(
-                Sender(room, users[0], live, asyncio.Semaphore(args.window), Tally(room))
-            )
-            await live.ping()
-            await live.receive_until("pong", timeout=PING_TIMEOUT)
-        # Read from now on: a connection nobody reads stops reading its socket after a few
-        # frames (websockets' max_queue), then misses its keepalive pongs and is closed.
-        reader_tasks = [asyncio.create_task(sender_reader(s)) for s in senders]
+        # Senders connect while the receivers do.
+        await connect_senders(servers, rooms, codec, args, senders, reader_tasks)
 
         connect_timeout = 60 + len(receivers) / max(1, args.connect_batch) * 15
         for worker in workers:
@@ -873,55 +1183,92 @@ async def bench(
                     + "; ".join(failures[:3])
                 )
         print(
-            f"[{backend}] {len(receivers) + len(senders)} connections live, sending for "
+            f"[{result.label}] {len(receivers) + len(senders)} connections live, sending for "
             f"{args.duration:g} s ...",
             flush=True,
         )
 
         loop = asyncio.get_running_loop()
         result.busy_before = await quiet_machine(args.wait_quiet)
-        pids = {"server": server.process.pid, "senders": os.getpid()}
+        pids = {server.name: server.process.pid for server in servers}
+        pids["senders"] = os.getpid()
         pids.update({f"receivers{i or ''}": w.process.pid or 0 for i, w in enumerate(workers)})
+        redis_before: dict[str, int] = {}
+        if redis_server is not None:
+            from redis.asyncio import Redis
+
+            pids["redis"] = redis_server.process.pid
+            # One connection for both readings: its handshake happens before the first.
+            redis_client = Redis(host=HOST, port=redis_server.port, socket_timeout=10)
+            redis_before = await redis_calls(redis_client)
         pg_pids = await postgres_backend_pids(database) if database else []
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        pg_before = sum(cpu_seconds(pid) for pid in pg_pids)
+        pg_before = {pid: cpu_seconds(pid) for pid in pg_pids}
         everyone_before = process_cpu()
         machine_before = machine_busy_seconds()
         start_ns = time.time_ns()
         start = loop.time()
         end_at = start + args.duration
-        await asyncio.gather(*(sender_writer(s, end_at) for s in senders))
+        if args.rate is not None:
+            period = 1.0 / args.rate
+            # Staggered evenly over one period: a steady stream, not bursts.
+            writers = [
+                paced_writer(s, start + period * i / len(senders), period, end_at)
+                for i, s in enumerate(senders)
+            ]
+        else:
+            writers = [sender_writer(s, end_at) for s in senders]
+        await asyncio.gather(*writers)
         send_elapsed = loop.time() - start
         cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
         result.cpu = {name: (cpu_after[name] - cpu_before[name]) / send_elapsed for name in pids}
         result.machine_busy = (machine_busy_seconds() - machine_before) / send_elapsed
-        result.server_rss_mib = rss_mib(server.process.pid)
+        result.server_rss_mib = [rss_mib(server.process.pid) for server in servers]
+        if database:
+            # Backends the pools opened during the window count from zero.
+            pg_pids = sorted({*pg_pids, *await postgres_backend_pids(database)})
+            pg_used = sum(cpu_seconds(pid) - pg_before.get(pid, 0.0) for pid in pg_pids)
+            result.cpu["postgres"] = pg_used / send_elapsed
         ours = {*pids.values(), *pg_pids}
         result.outsiders = top_outsiders(everyone_before, process_cpu(), ours, send_elapsed)
-        if pg_pids:
-            pg_after = sum(cpu_seconds(pid) for pid in pg_pids)
-            result.cpu["postgres"] = (pg_after - pg_before) / send_elapsed
         result.send_seconds = send_elapsed
+        lags = sorted(lag for s in senders for lag in s.lags)
+        if lags:
+            result.lag_p99_ms = percentile(lags, 0.99) * 1000
+            result.lag_max_ms = lags[-1] * 1000
 
-        # Drain the senders' windows (their own echoes), bounded.
-        _, still_running = await asyncio.wait(reader_tasks, timeout=args.drain_timeout)
-        for task in still_running:
-            task.cancel()
-        if still_running:
+        # Drain the senders' own echoes (windows, paced sends in flight), bounded.
+        await wait_until(
+            lambda: not any(s.pending and not s.tally.closed for s in senders),
+            args.drain_timeout,
+        )
+        unacknowledged = sum(1 for s in senders if s.pending and not s.tally.closed)
+        if unacknowledged:
             result.problems.append(
-                f"{len(still_running)} senders still had unacknowledged messages after "
+                f"{unacknowledged} senders still had unacknowledged messages after "
                 f"{args.drain_timeout:g} s"
             )
 
-        expected_per_room = {s.room: s.sent for s in senders}
+        expected_per_room = dict.fromkeys(range(len(rooms)), 0)
+        for s in senders:
+            expected_per_room[s.room] += s.sent
         result.sent = sum(expected_per_room.values())
         result.expected = result.sent * args.members
         result.send_errors = sum(len(s.errors) for s in senders)
         for s in senders:
-            result.problems.extend(f"room {s.room} send error: {e}" for e in s.errors[:3])
+            result.problems.extend(
+                f"room {s.room} sender {s.slot} send error: {e}" for e in s.errors[:3]
+            )
 
         for worker in workers:
             worker.pipe.send(("expect", expected_per_room, args.drain_timeout))
+        # The senders' connections receive the other senders' messages of their room too.
+        await wait_until(
+            lambda: all(
+                s.tally.count >= expected_per_room[s.room] or s.tally.closed for s in senders
+            ),
+            args.drain_timeout,
+        )
         latencies: list[int] = []
         last_ns = max((s.last_ns for s in senders), default=0)
         split = [pair for s in senders for pair in s.split]
@@ -934,10 +1281,10 @@ async def bench(
             result.gaps += s.tally.gaps
             result.duplicates += s.tally.duplicates
             if s.tally.bad:
-                result.problems.append(f"room {s.room} sender: {s.tally.bad}")
+                result.problems.append(f"room {s.room} sender {s.slot}: {s.tally.bad}")
             if s.tally.closed:
                 result.closed += 1
-                result.problems.append(f"room {s.room} sender closed: {s.tally.closed}")
+                result.problems.append(f"room {s.room} sender {s.slot} closed: {s.tally.closed}")
         for worker in workers:
             message = await pipe_recv(worker.pipe, args.drain_timeout + 60)
             if message[0] != "result":
@@ -953,6 +1300,13 @@ async def bench(
             chunk_latencies: array.array[int] = array.array("q")
             chunk_latencies.frombytes(data["latencies"])
             latencies.extend(chunk_latencies)
+        if redis_client is not None:
+            redis_after = await redis_calls(redis_client)
+            result.redis_calls = {
+                name: calls - redis_before.get(name, 0)
+                for name, calls in redis_after.items()
+                if name != "info"  # the benchmark's own readings
+            }
 
         result.delivery_seconds = (last_ns - start_ns) / 1e9 if last_ns else 0.0
         latencies.sort()
@@ -963,7 +1317,7 @@ async def bench(
             result.problems.append(
                 f"{result.received - len(latencies)} deliveries carried no send time"
             )
-        result.stored = await stored_counts(server.base_url, codec, rooms)
+        result.stored = await stored_counts(servers[-1].base_url, codec, rooms)
         return result
     finally:
         for task in reader_tasks:
@@ -974,6 +1328,9 @@ async def bench(
         )
         for worker in workers:
             worker.stop()
+        if redis_client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(redis_client.aclose(), 2)
 
 
 def code_version() -> str:
@@ -1004,7 +1361,8 @@ def code_version() -> str:
 def run_backend(backend: str, args: argparse.Namespace) -> Result:
     workdir = Path(tempfile.mkdtemp(prefix=f"chat-bench-{backend}-"))
     database: str | None = None
-    server: Server | None = None
+    servers: list[Server] = []
+    redis_server: RedisServer | None = None
     try:
         database_url = None
         if backend == "postgres":
@@ -1012,39 +1370,60 @@ def run_backend(backend: str, args: argparse.Namespace) -> Result:
             database = f"chatservice_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
             create_postgres_database(database)
             database_url = _database_url(database)
-        env = server_env(workdir, database_url, max(1000, 2 * args.rooms * args.members))
+        if args.bus == "redis":
+            redis_server = start_redis(workdir)
+        env = server_env(
+            workdir,
+            database_url,
+            max(1000, 2 * args.rooms * args.members),
+            redis_server.url if redis_server else None,
+            args.db_pool,
+        )
         if database_url:
             migrate_postgres(workdir, env)
-        profile = None
-        if args.server_profile:
-            profile = Path(f"{args.server_profile}.{backend}").resolve()
         version_before = code_version()
-        server = start_server(workdir, env, profile)
+        for i in range(args.instances):
+            name = "server" if i == 0 else f"server{i + 1}"
+            profile = None
+            if args.server_profile:
+                profile = Path(f"{args.server_profile}.{backend}{'' if i == 0 else i + 1}")
+            servers.append(start_server(workdir, env, profile and profile.resolve(), name))
         try:
-            result = run_async(bench(server, backend, args, database))
+            result = run_async(bench(servers, backend, args, database, redis_server))
         except Exception:
-            errors = server.errors()
-            if errors:
-                print(f"server logged {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
-            if server.process.poll() is not None or args.verbose:
-                print(f"server log (tail):\n{server.log_tail()}", file=sys.stderr)
+            for server in servers:
+                errors = server.errors()
+                if errors:
+                    print(
+                        f"{server.name} logged {len(errors)} errors, first: {errors[0]}",
+                        file=sys.stderr,
+                    )
+                if server.process.poll() is not None or args.verbose:
+                    print(f"{server.name} log (tail):\n{server.log_tail()}", file=sys.stderr)
             raise
         result.code = version_before
         version_after = code_version()
         if version_after != version_before:
             result.code += f" (changed to {version_after} during the run)"
-        if server.process.poll() is not None:
-            result.problems.append(f"server exited with {server.process.returncode}")
-        errors = server.errors()
-        if errors:
-            result.server_errors = len(errors)
-            result.problems.append(f"server logged {len(errors)} errors, first: {errors[0]}")
-        if args.verbose:
-            print(f"server log (tail):\n{server.log_tail()}", file=sys.stderr)
+        for server in servers:
+            if server.process.poll() is not None:
+                result.problems.append(f"{server.name} exited with {server.process.returncode}")
+            errors = server.errors()
+            if errors:
+                result.server_errors += len(errors)
+                result.problems.append(
+                    f"{server.name} logged {len(errors)} errors, first: {errors[0]}"
+                )
+            if args.verbose:
+                print(f"{server.name} log (tail):\n{server.log_tail()}", file=sys.stderr)
+        if redis_server is not None and redis_server.process.poll() is not None:
+            result.problems.append(f"redis-server exited with {redis_server.process.returncode}")
         return result
     finally:
-        if server is not None:
+        for server in servers:
             server.stop()
+        if redis_server is not None:
+            redis_server.stop()
         if database is not None:
             try:
                 drop_postgres_database(database)
@@ -1058,13 +1437,20 @@ def run_backend(backend: str, args: argparse.Namespace) -> Result:
 
 def summary_table(results: list[Result]) -> str:
     head = (
-        "| backend | sent | expected | received | delivered msgs/s | p50 ms | p99 ms | lost "
-        "| order | other load (cores) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+        "| backend | scenario | bus | inst | sent | expected | received | delivered msgs/s "
+        "| p50 ms | p99 ms | lost | order | redis cmds/delivery | PUBLISH/msg "
+        "| other load (cores) |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
     )
+
+    def redis(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.3f}"
+
     rows = [
-        f"| {r.backend} | {r.sent} | {r.expected} | {r.received} | "
-        f"{r.delivered_per_second:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.lost} | "
-        f"{'ok' if r.gaps == 0 and r.duplicates == 0 else 'FAILED'} | {r.others:.2f} |"
+        f"| {r.backend} | {r.scenario} | {r.bus} | {r.instances} | {r.sent} | {r.expected} | "
+        f"{r.received} | {r.delivered_per_second:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
+        f"{r.lost} | {'ok' if r.gaps == 0 and r.duplicates == 0 else 'FAILED'} | "
+        f"{redis(r.redis_per_delivery)} | {redis(r.publish_per_message)} | {r.others:.2f} |"
         for r in results
     ]
     return "\n".join([head, *rows])
@@ -1075,15 +1461,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="WebSocket fan-out benchmark for chat-service (see the module docstring)."
     )
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--rooms", type=int, default=10)
-    parser.add_argument("--members", type=int, default=50, help="per room, sender included")
-    parser.add_argument("--window", type=int, default=20, help="unacknowledged messages/sender")
+    parser.add_argument(
+        "--scenario",
+        choices=sorted(SCENARIOS),
+        default="windowed",
+        help="windowed: 10 rooms x 50 members, 1 windowed sender per room; many-small: "
+        "100 rooms x 5 members, 5 senders per room at 2 msgs/s each (paced)",
+    )
+    parser.add_argument(
+        "--bus",
+        choices=["memory", "redis"],
+        default="memory",
+        help="memory: the in-process bus (no REDIS_URL); redis: the benchmark's own "
+        "redis-server on a free port",
+    )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="chat-service processes sharing the database and Redis (2 needs postgres + "
+        "redis); each room's members alternate between them",
+    )
+    parser.add_argument("--rooms", type=int, help="default: 10 windowed, 100 many-small")
+    parser.add_argument("--members", type=int, help="per room, senders included; default: 50 / 5")
+    parser.add_argument("--senders", type=int, help="senders per room; default: 1 / 5")
+    parser.add_argument(
+        "--window", type=int, help="unacknowledged messages/sender (windowed); default 20"
+    )
+    parser.add_argument(
+        "--rate", type=float, help="msgs/s per sender, paced (many-small); default 2"
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of sending")
     parser.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="bound on waiting for the tail"
+        "--drain-timeout",
+        type=float,
+        help="bound on waiting for the tail; default: 30 windowed, 120 many-small",
     )
     parser.add_argument("--connect-batch", type=int, default=25, help="handshakes at a time")
     parser.add_argument("--receiver-procs", type=int, default=1, help="receiver processes")
+    parser.add_argument(
+        "--db-pool",
+        type=int,
+        default=20,
+        help="PostgreSQL: DATABASE_POOL_SIZE per instance, with DATABASE_MAX_OVERFLOW=0",
+    )
     parser.add_argument(
         "--compression",
         choices=["deflate", "none"],
@@ -1105,13 +1527,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before sending, wait up to this long for the machine to be idle (other "
         "processes skew the figures; the report shows how busy it was)",
     )
+    parser.add_argument(
+        "--sender-keepalive",
+        action="store_true",
+        help="keep websockets' default client keepalive (20 s ping timeout) on the senders' "
+        "connections; off by default, as on the receivers'",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (server log)")
     parser.add_argument("--verbose", action="store_true", help="print the server log tail")
     args = parser.parse_args(argv)
-    if args.rooms < 1 or args.members < 2 or args.window < 1 or args.duration <= 0:
-        parser.error("need rooms >= 1, members >= 2, window >= 1, duration > 0")
-    if args.receiver_procs < 1 or args.connect_batch < 1:
-        parser.error("need receiver-procs >= 1 and connect-batch >= 1")
+    preset = SCENARIOS[args.scenario]
+    if args.scenario == "windowed" and args.rate is not None:
+        parser.error("--rate is for --scenario many-small (windowed senders use --window)")
+    if args.scenario == "many-small" and args.window is not None:
+        parser.error("--window is for --scenario windowed (many-small senders use --rate)")
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.rooms < 1 or args.members < 2 or args.duration <= 0:
+        parser.error("need rooms >= 1, members >= 2, duration > 0")
+    if not 1 <= args.senders <= args.members:
+        parser.error("need 1 <= senders <= members")
+    if (args.window is not None and args.window < 1) or (args.rate is not None and args.rate <= 0):
+        parser.error("need window >= 1 and rate > 0")
+    if args.receiver_procs < 1 or args.connect_batch < 1 or args.db_pool < 1:
+        parser.error("need receiver-procs >= 1, connect-batch >= 1 and db-pool >= 1")
+    if args.instances > 1 and args.backend != "postgres":
+        parser.error("SQLite serves one instance only: --instances 2 needs --backend postgres")
+    if args.instances > 1 and args.bus != "redis":
+        parser.error("instances share messages only through Redis: --instances 2 needs --bus redis")
     return args
 
 
@@ -1121,7 +1565,8 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C (even when started from a shell that ignores SIGINT in background jobs) and
     # SIGTERM both end the run through KeyboardInterrupt: asyncio.Runner cancels the
     # running bench, whose `finally` blocks close the connections and stop the receiver
-    # processes, then run_backend stops the server and drops the database.
+    # processes, then run_backend stops the servers and redis-server and drops the
+    # database.
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_sigterm(_signum: int, _frame: object) -> None:
@@ -1136,7 +1581,7 @@ def main(argv: list[str] | None = None) -> int:
             print(result.report(), flush=True)
             results.append(result)
     except KeyboardInterrupt:
-        print("interrupted; server and temporary data cleaned up", file=sys.stderr)
+        print("interrupted; servers and temporary data cleaned up", file=sys.stderr)
         return 130
     except Exception as exc:
         if args.verbose:

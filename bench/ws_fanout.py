@@ -903,6 +903,8 @@ class Result:
     lag_max_ms: float = math.nan
     # Redis: calls per command between just before sending and the last delivery.
     redis_calls: dict[str, int] | None = None
+    # Messages sent per room, by the instance its first sender is connected to.
+    room_sent: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def others(self) -> float:
@@ -976,11 +978,16 @@ class Result:
                     f"max {self.lag_max_ms:.1f} ms"
                 )
             sent += ")"
+        per_room = ", ".join(
+            f"{name} {min(counts)}-{max(counts)}" for name, counts in self.room_sent.items()
+        )
         lines = [
             f"== {self.label}: {self.rooms} rooms x {self.members} members ({conns} "
             f"connections), {sending}, {self.duration:g} s of sending",
             f"server code:              {self.code}",
             sent,
+            f"sent per room:            {per_room or '-'} (min-max, rooms grouped by the "
+            "instance of their first sender)",
             f"deliveries expected:      {self.expected} (sent x {self.members} members, "
             "sender echo included)",
             f"deliveries received:      {self.received}",
@@ -1055,10 +1062,14 @@ async def stored_counts(
     return total
 
 
-def member_base_url(servers: list[Server], room: int, index: int) -> str:
+def member_instance(instances: int, room: int, index: int) -> int:
     """Members of a room alternate between the instances, senders included; the offset by
     room spreads rooms with one sender over both instances too."""
-    return servers[(room + index) % len(servers)].base_url
+    return (room + index) % instances
+
+
+def member_base_url(servers: list[Server], room: int, index: int) -> str:
+    return servers[member_instance(len(servers), room, index)].base_url
 
 
 def _split(items: list[Member], parts: int) -> Iterator[list[Member]]:
@@ -1253,6 +1264,9 @@ async def bench(
         for s in senders:
             expected_per_room[s.room] += s.sent
         result.sent = sum(expected_per_room.values())
+        for room, count in expected_per_room.items():
+            name = servers[member_instance(len(servers), room, 0)].name
+            result.room_sent.setdefault(name, []).append(count)
         result.expected = result.sent * args.members
         result.send_errors = sum(len(s.errors) for s in senders)
         for s in senders:

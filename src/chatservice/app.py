@@ -8,6 +8,8 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from datetime import timedelta
+from zoneinfo import ZoneInfo
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -18,10 +20,15 @@ from chatservice.agents.base import AgentBackend
 from chatservice.agents.demo import DemoAgent
 from chatservice.agents.openai import OpenAIAgent
 from chatservice.api import agents as agents_api
+from chatservice.api import archives as archives_api
 from chatservice.api import errors, health, messages, sessions, ws
+from chatservice.api import files as files_api
 from chatservice.api import streams as streams_api
-from chatservice.api.limits import BodyLimitMiddleware
+from chatservice.api.limits import BodyLimitMiddleware, RouteLimit
 from chatservice.auth import TokenCodec
+from chatservice.blobs.base import BlobStore
+from chatservice.blobs.local import LocalBlobStore
+from chatservice.blobs.s3 import S3BlobStore
 from chatservice.bus.base import Bus, Locks, Presence, RateLimiter, StreamBuffer
 from chatservice.bus.memory import MemoryBus
 from chatservice.bus.presence import MemoryPresence
@@ -33,19 +40,28 @@ from chatservice.bus.redis_streams import RedisLocks, RedisStreamBuffer
 from chatservice.bus.streams import MemoryLocks, MemoryStreamBuffer
 from chatservice.components import Components
 from chatservice.config import Settings
+from chatservice.domain import utcnow
 from chatservice.realtime.connection import CLOSE_SERVICE_RESTART
 from chatservice.realtime.hub import Hub
 from chatservice.services.agents import AgentService
+from chatservice.services.archives import ArchiveService, ArchiveSettings
+from chatservice.services.files import FileLimits, FileService
 from chatservice.services.messages import MessageService
+from chatservice.services.scheduler import Job, Scheduler
 from chatservice.services.sessions import SessionService
 from chatservice.services.streams import StreamLimits, StreamService
 from chatservice.services.typing import TypingService
 from chatservice.store.agents import AgentStore
+from chatservice.store.archives import ArchiveStore
 from chatservice.store.database import Database
+from chatservice.store.files import FileStore
 from chatservice.store.messages import MessageStore
 from chatservice.store.sessions import SessionStore
 
 log = logging.getLogger(__name__)
+
+# An upload sent with attach=false that no message took up within this is removed.
+UNATTACHED_UPLOAD_TTL = timedelta(hours=24)
 
 
 def build_components(settings: Settings) -> Components:
@@ -119,6 +135,34 @@ def build_components(settings: Settings) -> Components:
         ),
     )
     message_service.listeners.append(stream_service.on_message)
+    blobs = build_blob_store(settings)
+    file_store = FileStore(database)
+    file_service = FileService(
+        session_service,
+        message_service,
+        file_store,
+        blobs,
+        FileLimits(
+            max_size=settings.max_file_size,
+            allowed_types=frozenset(t.strip().lower() for t in settings.allowed_file_types),
+            thumbnail_side=settings.thumbnail_size,
+            max_image_pixels=settings.max_image_pixels,
+        ),
+    )
+    archive_service = ArchiveService(
+        session_service,
+        message_store,
+        file_store,
+        ArchiveStore(database),
+        blobs,
+        ArchiveSettings(
+            language=settings.transcript_language,
+            zone=ZoneInfo(settings.transcript_timezone),
+            snapshot_keep=settings.archive_snapshot_keep,
+            idle_timeout=timedelta(seconds=settings.session_idle_timeout),
+        ),
+    )
+    scheduler = Scheduler(locks, maintenance_jobs(settings, archive_service, file_service))
     return Components(
         settings=settings,
         database=database,
@@ -138,7 +182,34 @@ def build_components(settings: Settings) -> Components:
                 settings.ws_heartbeat_interval, settings.ws_connection_timeout / 4
             ),
         ),
+        blobs=blobs,
+        files=file_service,
+        archives=archive_service,
+        scheduler=scheduler,
     )
+
+
+def build_blob_store(settings: Settings) -> BlobStore:
+    if settings.file_storage_type == "s3":
+        return S3BlobStore(
+            settings.s3_bucket_name,
+            endpoint_url=settings.s3_endpoint_url or None,
+            region=settings.s3_region or None,
+        )
+    return LocalBlobStore(settings.effective_file_storage_path)
+
+
+def maintenance_jobs(settings: Settings, archives: ArchiveService, files: FileService) -> list[Job]:
+    async def housekeeping() -> int:
+        ended = await archives.end_idle()
+        retried = await archives.retry_pending()
+        purged = await files.purge_unattached(utcnow() - UNATTACHED_UPLOAD_TTL)
+        return ended + retried + purged
+
+    return [
+        Job("snapshots", settings.archive_snapshot_interval, archives.snapshot_changed),
+        Job("housekeeping", settings.session_idle_check_interval, housekeeping),
+    ]
 
 
 def instance_id() -> str:
@@ -151,18 +222,22 @@ async def start_components(parts: Components) -> None:
     if parts.redis is not None:
         # Open REDIS_POOL_SIZE connections now rather than on the first burst.
         await asyncio.gather(*(parts.redis.ping() for _ in range(parts.settings.redis_pool_size)))
+    await parts.blobs.start()
     await parts.bus.start()
     await parts.hub.start()
     await parts.streams.start()
+    await parts.scheduler.start()
 
 
 async def stop_components(parts: Components) -> None:
+    await parts.scheduler.stop()
     await parts.streams.stop()
     await parts.hub.close_all(CLOSE_SERVICE_RESTART, "server shutting down")
     await parts.hub.stop()
     await parts.bus.close()
     if parts.redis is not None:
         await parts.redis.aclose()
+    await parts.blobs.close()
     await parts.database.close()
 
 
@@ -193,7 +268,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.components = parts
     errors.install(app)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_request_body,
+        overrides=[
+            RouteLimit(
+                "POST",
+                files_api.UPLOAD_PATH,
+                settings.max_file_size + files_api.MULTIPART_OVERHEAD,
+                f"file is larger than {settings.max_file_size} bytes (MAX_FILE_SIZE)",
+            )
+        ],
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -201,6 +287,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    for module in (health, sessions, messages, agents_api, streams_api, ws):
+    for module in (
+        health,
+        sessions,
+        messages,
+        agents_api,
+        streams_api,
+        files_api,
+        archives_api,
+        ws,
+    ):
         app.include_router(module.router)
     return app

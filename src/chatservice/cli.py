@@ -56,6 +56,9 @@ def serve(
         problem = asyncio.run(_redis_problem(settings.redis_url))
         if problem:
             _fail(problem)
+    problem = asyncio.run(_blob_store_problem(settings))
+    if problem:
+        _fail(problem)
     limit = settings.ws_message_size_limit
     uvicorn.run(
         create_app(settings),
@@ -98,6 +101,26 @@ async def _redis_problem(url: str) -> str | None:
         return f"cannot reach Redis at {_safe_url(url)}: {exc}"
     finally:
         await client.aclose()
+    return None
+
+
+async def _blob_store_problem(settings: Settings) -> str | None:
+    """Why files cannot be stored (unwritable directory, unreachable or refused S3)."""
+    from chatservice.app import build_blob_store
+
+    store = build_blob_store(settings)
+    where = (
+        f"S3 bucket {settings.s3_bucket_name!r}"
+        + (f" at {settings.s3_endpoint_url}" if settings.s3_endpoint_url else "")
+        if settings.file_storage_type == "s3"
+        else f"file storage at {settings.effective_file_storage_path}"
+    )
+    try:
+        await asyncio.wait_for(store.start(), 20)
+    except Exception as exc:
+        return f"cannot use the {where}: {str(exc) or type(exc).__name__}"
+    finally:
+        await store.close()
     return None
 
 

@@ -7,11 +7,15 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from chatservice.auth import TokenCodec
+from chatservice.blobs.base import BlobStore
 from chatservice.bus.base import Bus
 from chatservice.config import Settings
 from chatservice.realtime.hub import Hub
 from chatservice.services.agents import AgentService
+from chatservice.services.archives import ArchiveService
+from chatservice.services.files import FileService
 from chatservice.services.messages import MessageService
+from chatservice.services.scheduler import Scheduler
 from chatservice.services.sessions import SessionService
 from chatservice.services.streams import StreamService
 from chatservice.services.typing import TypingService
@@ -31,3 +35,7 @@ class Components:
     agents: AgentService
     streams: StreamService
     hub: Hub
+    blobs: BlobStore
+    files: FileService
+    archives: ArchiveService
+    scheduler: Scheduler

@@ -70,8 +70,38 @@ class Settings(BaseSettings):
     openai_api_key: str = ""
     openai_model: str = "gpt-4o-mini"
 
-    # Largest JSON request body any REST endpoint accepts.
+    # Largest JSON request body any REST endpoint accepts (uploads have MAX_FILE_SIZE).
     max_request_body: int = Field(1_048_576, ge=1024)
+
+    # Files (seed s0): local directory by default, S3/MinIO with FILE_STORAGE_TYPE=s3.
+    # S3 credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, …).
+    file_storage_type: Literal["local", "s3"] = "local"
+    file_storage_path: Path | None = None  # default: DATA_DIR/storage
+    s3_bucket_name: str = "chat-files"
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    max_file_size: int = Field(10_485_760, ge=1)
+    allowed_file_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [
+            "image/jpeg",
+            "image/png",
+            "image/gif",
+            "image/webp",
+            "application/pdf",
+            "text/plain",
+        ]
+    )
+    thumbnail_size: int = Field(320, ge=16, le=2048)
+    # Images above this many pixels are refused before decoding (decompression bombs).
+    max_image_pixels: int = Field(40_000_000, ge=1)
+
+    # Transcripts and archives (seed s3). Durations are seconds or "5m", "60h", "2d".
+    transcript_language: Literal["en", "ko"] = "en"
+    transcript_timezone: str = "UTC"  # an IANA zone for the times a transcript shows
+    archive_snapshot_interval: float = Field(300, gt=0)
+    archive_snapshot_keep: int = Field(3, ge=1)
+    session_idle_timeout: float = Field(216_000, gt=0)
+    session_idle_check_interval: float = Field(300, gt=0)
 
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -80,9 +110,32 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("transcript_timezone")
     @classmethod
-    def _parse_origins(cls, value: object) -> object:
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except Exception:
+            raise ValueError(f"{value!r} is not an IANA time zone (e.g. Asia/Seoul)") from None
+        return value
+
+    @field_validator(
+        "archive_snapshot_interval",
+        "session_idle_timeout",
+        "session_idle_check_interval",
+        mode="before",
+    )
+    @classmethod
+    def _parse_duration(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_duration(value)
+        return value
+
+    @field_validator("cors_origins", "allowed_file_types", mode="before")
+    @classmethod
+    def _parse_list(cls, value: object) -> object:
         # Seed s0 writes a JSON list; a comma-separated list is accepted too.
         if isinstance(value, str):
             text = value.strip()
@@ -98,6 +151,10 @@ class Settings(BaseSettings):
         """The configured URL with an async driver, or the embedded SQLite file."""
         url = self.database_url or f"sqlite:///{(self.data_dir / 'chat.db').resolve()}"
         return async_database_url(url)
+
+    @property
+    def effective_file_storage_path(self) -> Path:
+        return self.file_storage_path or self.data_dir / "storage"
 
     @property
     def is_sqlite(self) -> bool:
@@ -125,6 +182,22 @@ class Settings(BaseSettings):
         with os.fdopen(fd, "w") as handle:
             handle.write(secret)
         return secret
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "300", "300s", "5m", "60h" or "2d"."""
+    value = text.strip().lower()
+    unit = _DURATION_UNITS.get(value[-1:], 0)
+    number = value[:-1] if unit else value
+    try:
+        return float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a duration (seconds, or a number with s/m/h/d)"
+        ) from None
 
 
 def async_database_url(url: str) -> str:

@@ -64,6 +64,12 @@ class SessionStatus(StrEnum):
 WRITABLE_STATUSES = (SessionStatus.SCHEDULED.value, SessionStatus.ACTIVE.value)
 
 
+class ArchiveState(StrEnum):
+    PENDING = "pending"  # ended; the transcript is not in the blob store yet
+    DONE = "done"
+    EMPTY = "empty"  # ended without messages: nothing to archive (seed s3)
+
+
 class Role(StrEnum):
     OWNER = "owner"
     MEMBER = "member"
@@ -127,6 +133,11 @@ class Session:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     scheduled_at: datetime | None = None
+    archive_state: str | None = None  # ArchiveState once ended
+    archive_key: str | None = None
+    archive_json_key: str | None = None
+    archived_at: datetime | None = None
+    snapshot_seq: int = 0
 
 
 @dataclass(slots=True)
@@ -145,6 +156,42 @@ class Message:
     edited_at: datetime | None = None
     tokens_used: int | None = None
     latency_ms: int | None = None
+
+
+@dataclass(slots=True)
+class FileRecord:
+    """An uploaded file; `message_id` is None until a message carries it."""
+
+    file_id: str
+    session_id: str
+    file_name: str
+    file_type: str
+    file_size: int
+    storage_key: str
+    uploaded_by: str
+    uploaded_at: datetime
+    thumbnail_key: str | None = None
+    message_id: str | None = None
+    deleted: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"/files/{self.file_id}"
+
+    @property
+    def thumbnail_url(self) -> str | None:
+        return f"/files/{self.file_id}/thumb" if self.thumbnail_key else None
+
+    def info(self) -> JSON:
+        """`file_info` as seed s0's upload answer and a file message's metadata carry it."""
+        return {
+            "file_id": self.file_id,
+            "name": self.file_name,
+            "type": self.file_type,
+            "size": self.file_size,
+            "url": self.url,
+            "thumbnail_url": self.thumbnail_url,
+        }
 
 
 @dataclass(slots=True)

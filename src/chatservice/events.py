@@ -7,6 +7,7 @@ connection. Other protocols' codecs translate from these events.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -72,6 +73,23 @@ def message_event(message: Message) -> JSON:
     event["type"] = "message"
     event["timestamp"] = event["created_at"]
     return event
+
+
+def message_updated_event(message: Message) -> JSON:
+    event = message_payload(message)
+    event["type"] = "message_updated"
+    event["timestamp"] = event.get("edited_at")
+    return event
+
+
+def message_deleted_event(message: Message, when: datetime) -> JSON:
+    return {
+        "type": "message_deleted",
+        "session_id": message.session_id,
+        "message_id": message.message_id,
+        "seq": message.seq,
+        "timestamp": isoformat(when),
+    }
 
 
 def typing_event(session_id: str, user_id: str, is_typing: bool) -> JSON:

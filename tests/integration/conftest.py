@@ -26,7 +26,9 @@ async def parts(database_url: str, tmp_path: Path) -> AsyncIterator[Components]:
         _env_file=None,
     )
     components = build_components(settings)
+    await components.blobs.start()
     await components.bus.start()
     yield components
     await components.bus.close()
+    await components.blobs.close()
     await components.database.close()

@@ -18,6 +18,15 @@ class MessageFrame(_Frame):
     metadata: dict[str, Any] | None = None
 
 
+class FileFrame(_Frame):
+    """Sends a message carrying a file uploaded earlier (`attach=false`)."""
+
+    type: Literal["file"]
+    file_id: StrictStr = Field(min_length=1, max_length=100)
+    message: StrictStr | None = None
+    client_msg_id: StrictStr | None = Field(None, min_length=1, max_length=100)
+
+
 class TypingFrame(_Frame):
     type: Literal["typing"]
     is_typing: StrictBool
@@ -39,6 +48,7 @@ class PingFrame(_Frame):
 
 FRAME_TYPES: dict[str, type[_Frame]] = {
     "message": MessageFrame,
+    "file": FileFrame,
     "typing": TypingFrame,
     "read": ReadFrame,
     "ping": PingFrame,

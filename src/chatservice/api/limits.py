@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -10,29 +14,51 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 class BodyTooLarge(HTTPException):
     """An HTTPException so FastAPI's body parsing lets it through as a 413."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is larger than {limit} bytes")
+    def __init__(self, refusal: str) -> None:
+        super().__init__(413, refusal)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteLimit:
+    """A body limit of its own for one route (uploads), with the words to refuse it."""
+
+    method: str
+    path: re.Pattern[str]
+    limit: int
+    message: str
 
 
 class BodyLimitMiddleware:
-    """Answers 413 when a request body exceeds `limit` bytes, declared or streamed."""
+    """Answers 413 when a request body exceeds its limit, declared or streamed.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    `limit` holds for every route but those `overrides` name (uploads, whose bodies
+    are files).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, overrides: Sequence[RouteLimit] = ()) -> None:
         self.app = app
-        self.limit = limit
+        self.default_limit = limit
+        self.overrides = overrides
+
+    def _limit_for(self, scope: Scope) -> tuple[int, str]:
+        for route in self.overrides:
+            if scope.get("method") == route.method and route.path.match(scope.get("path", "")):
+                return route.limit, route.message
+        return self.default_limit, f"request body is larger than {self.default_limit} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit, refusal = self._limit_for(scope)
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.limit:
-                    await self._reject(send)
+                if declared > limit:
+                    await self._reject(send, refusal)
                     return
         received = 0
         started = False
@@ -42,8 +68,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise BodyTooLarge(self.limit)
+                if received > limit:
+                    raise BodyTooLarge(refusal)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -56,14 +82,14 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, refusal)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, send: Send, refusal: str) -> None:
         body = orjson.dumps(
             {
                 "error": {
                     "code": "CONTENT_TOO_LARGE",
-                    "message": f"request body is larger than {self.limit} bytes",
+                    "message": refusal,
                 }
             }
         )

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 
 from chatservice.api.deps import Caller, Parts
 from chatservice.api.responses import JSONBody
-from chatservice.api.schemas import SendMessage
+from chatservice.api.schemas import EditMessage, SendMessage
 from chatservice.api.sessions import SessionId
 from chatservice.domain import isoformat
 from chatservice.events import message_payload
 from chatservice.services.messages import Draft
 
 router = APIRouter(prefix="/api/chat", tags=["messages"])
+
+MessageId = Annotated[str, Path(min_length=1, max_length=100)]
 
 
 @router.get("/sessions/{session_id}/messages")
@@ -60,4 +62,24 @@ async def send_message(
             "created_at": isoformat(message.created_at),
         },
         status_code=201 if result.created else 200,
+    )
+
+
+@router.patch("/messages/{message_id}")
+async def edit_message(
+    message_id: MessageId, body: EditMessage, caller: Caller, parts: Parts
+) -> JSONBody:
+    edited = await parts.messages.edit(caller, message_id, body.content)
+    return JSONBody(message_payload(edited))
+
+
+@router.delete("/messages/{message_id}")
+async def delete_message(message_id: MessageId, caller: Caller, parts: Parts) -> JSONBody:
+    deleted = await parts.messages.delete(caller, message_id)
+    return JSONBody(
+        {
+            "message": "Message deleted successfully",
+            "message_id": deleted.message_id,
+            "session_id": deleted.session_id,
+        }
     )

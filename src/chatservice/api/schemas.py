@@ -34,3 +34,7 @@ class MarkRead(_Body):
 
 class AddParticipants(_Body):
     user_ids: list[StrictStr] = Field(min_length=1, max_length=1000)
+
+
+class EditMessage(_Body):
+    content: StrictStr

@@ -89,4 +89,12 @@ def session_ended(session: Session) -> JSON:
         "status": session.status,
         "ended_at": isoformat(session.ended_at),
         "duration_seconds": duration,
+        "archive": {
+            "state": session.archive_state,
+            "text_key": session.archive_key,
+            "json_key": session.archive_json_key,
+            "url": f"/api/chat/sessions/{session.session_id}/archive"
+            if session.archive_state == "done"
+            else None,
+        },
     }

@@ -17,6 +17,7 @@ from chatservice import events
 from chatservice.api.frames import (
     FRAME_TYPES,
     CancelFrame,
+    FileFrame,
     MessageFrame,
     ReadFrame,
     TypingFrame,
@@ -228,6 +229,10 @@ async def _handle(
             Draft(
                 content=frame.content, metadata=frame.metadata, client_msg_id=frame.client_msg_id
             ),
+        )
+    elif isinstance(frame, FileFrame):
+        await parts.files.attach(
+            principal, session, frame.file_id, frame.message, frame.client_msg_id
         )
     elif isinstance(frame, TypingFrame):
         await parts.typing.set_typing(session.session_id, principal.user_id, frame.is_typing)

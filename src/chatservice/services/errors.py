@@ -55,3 +55,8 @@ class RateLimited(ServiceError):
     def __init__(self, retry_after_ms: int) -> None:
         super().__init__("too many messages; slow down", retry_after=retry_after_ms)
         self.retry_after_ms = retry_after_ms
+
+
+class UnsupportedMediaType(ServiceError):
+    code = "UNSUPPORTED_FILE_TYPE"
+    status = 415

@@ -21,13 +21,22 @@ from chatservice.domain import (
     new_id,
     utcnow,
 )
-from chatservice.services.errors import InvalidInput, RateLimited, SessionClosed, TooLarge
+from chatservice.services.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    RateLimited,
+    SessionClosed,
+    TooLarge,
+)
 from chatservice.services.sessions import SessionService, check_metadata
-from chatservice.store.messages import MessageStore, SessionNotWritable
+from chatservice.store.messages import FileNotAttachable, MessageStore, SessionNotWritable
 
 MAX_PAGE = 200
 MAX_CLIENT_MSG_ID = 100
 USER_MESSAGE_TYPES = frozenset({MessageType.TEXT.value})
+EDITABLE_TYPES = frozenset({MessageType.TEXT.value, MessageType.FILE.value})
 
 
 @dataclass(slots=True)
@@ -38,6 +47,10 @@ class Draft:
     message_type: str = MessageType.TEXT.value
     metadata: Any = None
     client_msg_id: Any = None
+    # A file message: the uploaded file it carries (content is then an optional caption).
+    file_id: str | None = None
+    # False when the transport already counted this send (an upload counts once).
+    rate_limited: bool = True
 
 
 class MessageService:
@@ -57,6 +70,8 @@ class MessageService:
         self.rate_limiter = rate_limiter  # None: RATE_LIMIT_ENABLED is off
         # Told about every new message once it is stored and published (agent answers).
         self.listeners: list[Callable[[Session, Message], Awaitable[None]]] = []
+        # Told about every deleted message (its files go with it).
+        self.delete_listeners: list[Callable[[Message], Awaitable[None]]] = []
 
     async def send(self, principal: Principal, session_id: str, draft: Draft) -> SendResult:
         session, _ = await self.sessions.require_member(principal, session_id)
@@ -69,10 +84,8 @@ class MessageService:
         self._validate(draft)
         if session.status not in (SessionStatus.ACTIVE, SessionStatus.SCHEDULED):
             raise SessionClosed("the session has ended; it is read-only")
-        if self.rate_limiter is not None:
-            wait_ms = await self.rate_limiter.hit(principal.user_id)
-            if wait_ms is not None:
-                raise RateLimited(wait_ms)
+        if draft.rate_limited:
+            await self.check_rate(principal)
         message = Message(
             message_id=new_id("msg"),
             session_id=session.session_id,
@@ -86,9 +99,14 @@ class MessageService:
             client_msg_id=draft.client_msg_id,
         )
         try:
-            stored, created = await self.store.append(message)
+            stored, created = await self.store.append(message, attach_file_id=draft.file_id)
         except SessionNotWritable as exc:
             raise SessionClosed("the session has ended; it is read-only") from exc
+        except FileNotAttachable as exc:
+            raise Conflict(
+                "the file does not exist in this session or is already on a message",
+                code="FILE_NOT_ATTACHABLE",
+            ) from exc
         if created:
             # Persist, then publish: nothing a client sees can be missing from history.
             await self.bus.publish(
@@ -98,6 +116,61 @@ class MessageService:
             for listener in self.listeners:
                 await listener(session, stored)
         return SendResult(stored, created)
+
+    async def check_rate(self, principal: Principal) -> None:
+        """Count one send against the caller's budget; RateLimited when it is spent."""
+        if self.rate_limiter is not None:
+            wait_ms = await self.rate_limiter.hit(principal.user_id)
+            if wait_ms is not None:
+                raise RateLimited(wait_ms)
+
+    async def edit(self, principal: Principal, message_id: str, content: Any) -> Message:
+        """The sender replaces a message's text; everyone connected sees the edit."""
+        message = await self._own_live_message(principal, message_id)
+        if message.message_type not in EDITABLE_TYPES:
+            raise Conflict(
+                f"a {message.message_type} message cannot be edited", code="NOT_EDITABLE"
+            )
+        # A file message's caption may be emptied; a text message may not.
+        is_file = message.message_type == MessageType.FILE
+        self._validate(
+            Draft(content, message.message_type, file_id=message_id if is_file else None)
+        )
+        edited = await self.store.edit(message_id, content, utcnow())
+        if edited is None:
+            raise NotFound("message not found", code="MESSAGE_NOT_FOUND")
+        await self.bus.publish(
+            events.session_channel(edited.session_id),
+            events.encode(events.message_updated_event(edited)),
+        )
+        return edited
+
+    async def delete(self, principal: Principal, message_id: str) -> Message:
+        """The sender deletes a message: it leaves history, and its files become unreachable."""
+        await self._own_live_message(principal, message_id)
+        now = utcnow()
+        deleted = await self.store.soft_delete(message_id, now)
+        if deleted is None:
+            raise NotFound("message not found", code="MESSAGE_NOT_FOUND")
+        for listener in self.delete_listeners:
+            await listener(deleted)
+        await self.bus.publish(
+            events.session_channel(deleted.session_id),
+            events.encode(events.message_deleted_event(deleted, now)),
+        )
+        return deleted
+
+    async def _own_live_message(self, principal: Principal, message_id: str) -> Message:
+        message = await self.store.by_message_id(message_id)
+        if message is None:
+            raise NotFound("message not found", code="MESSAGE_NOT_FOUND")
+        # Membership first: a stranger learns nothing about the message, not even its sender.
+        session, _ = await self.sessions.require_member(principal, message.session_id)
+        if message.sender_type != SenderType.USER or message.sender_id != principal.user_id:
+            raise Forbidden("only the sender can change or delete a message")
+        if session.status not in (SessionStatus.ACTIVE, SessionStatus.SCHEDULED):
+            raise SessionClosed("the session has ended; it is read-only")
+        return message
 
     async def page(
         self,
@@ -125,12 +198,13 @@ class MessageService:
         return [(m.seq, events.encode(events.message_event(m)).decode()) for m in messages]
 
     def _validate(self, draft: Draft) -> None:
-        if draft.message_type not in USER_MESSAGE_TYPES:
+        if draft.file_id is None and draft.message_type not in USER_MESSAGE_TYPES:
             raise InvalidInput("message_type must be 'text'")
         content = draft.content
         if not isinstance(content, str):
             raise InvalidInput("content must be a string")
-        if not content.strip():
+        # A file is a message by itself; its caption may be empty.
+        if not content.strip() and draft.file_id is None:
             raise InvalidInput("content is empty", code="EMPTY_CONTENT")
         if len(content) > self.max_content_bytes or len(content.encode()) > self.max_content_bytes:
             raise TooLarge(f"content is larger than {self.max_content_bytes} bytes")

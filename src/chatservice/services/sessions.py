@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import orjson
@@ -52,6 +53,8 @@ class SessionService:
         self.store = store
         self.bus = bus
         self.presence = presence
+        # Told about every session that ends (the archive is written there).
+        self.end_listeners: list[Callable[[Session], Awaitable[None]]] = []
 
     async def create(self, principal: Principal, request: NewSession) -> tuple[SessionDetail, bool]:
         """Create a session; a `direct` pair that exists already is returned (created=False)."""
@@ -171,7 +174,28 @@ class SessionService:
             session, _ = await self.require_member(principal, session_id)
             return session
         await self._announce(session_id, "session_ended", principal.user_id, now)
-        return ended
+        return await self._ended(ended)
+
+    async def expire(self, session_id: str) -> Session | None:
+        """End a session nobody used for too long (the idle job); None if it had ended."""
+        now = utcnow()
+        ended = await self.store.set_status(
+            session_id,
+            SessionStatus.ARCHIVED.value,
+            now=now,
+            only_from=WRITABLE_STATUSES,
+            ended=True,
+        )
+        if ended is None:
+            return None
+        await self._announce(session_id, "session_ended", None, now, reason="idle")
+        return await self._ended(ended)
+
+    async def _ended(self, session: Session) -> Session:
+        for listener in self.end_listeners:
+            await listener(session)
+        # The listeners (the archive) may have moved the session on; answer its state now.
+        return await self.store.get(session.session_id) or session
 
     async def mark_read(self, principal: Principal, session_id: str, seq: int) -> tuple[int, int]:
         """Move the caller's read watermark forward; returns (watermark, unread_count)."""
@@ -237,7 +261,7 @@ class SessionService:
         return session, member
 
     async def _announce(
-        self, session_id: str, name: str, user_id: str, when: datetime, **extra: str
+        self, session_id: str, name: str, user_id: str | None, when: datetime, **extra: str
     ) -> None:
         event = events.system_event(session_id, name, user_id, isoformat(when), **extra)
         await self.bus.publish(events.session_channel(session_id), events.encode(event))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
@@ -17,13 +19,17 @@ from chatservice.domain import (
     utcnow,
 )
 from chatservice.store.database import Database
-from chatservice.store.tables import chat_messages, chat_sessions
+from chatservice.store.tables import chat_files, chat_messages, chat_sessions
 
 _VISIBLE = chat_messages.c.deleted_at.is_(None)
 
 
 class SessionNotWritable(Exception):
     """The session was ended or deleted before the message could be stored."""
+
+
+class FileNotAttachable(Exception):
+    """The file is unknown, deleted, of another session or already on a message."""
 
 
 def message_from_row(row: Any) -> Message:
@@ -50,7 +56,11 @@ class MessageStore:
         self.db = db
 
     async def append(
-        self, message: Message, *, answers_seq: int | None = None
+        self,
+        message: Message,
+        *,
+        answers_seq: int | None = None,
+        attach_file_id: str | None = None,
     ) -> tuple[Message, bool]:
         """Store `message` with the session's next seq; returns (stored, created).
 
@@ -59,6 +69,8 @@ class MessageStore:
         one session, and a rollback gives the number back, so seqs have no gaps.
         `answers_seq`: an agent's answer records which user message it answered, in the
         same transaction, so the answer queue survives restarts and instances.
+        `attach_file_id`: a file message takes its file in the same transaction, so a file
+        is on exactly one message and a failed send leaves it free.
         A `client_msg_id` the sender already used returns the original instead: the
         unique constraint rejects the insert (rolling the seq back) and the original is
         read, so the common case costs no extra lookup.
@@ -108,6 +120,20 @@ class MessageStore:
                         created_at=message.created_at,
                     )
                 )
+                if attach_file_id is not None:
+                    f = chat_files
+                    taken = await conn.execute(
+                        update(f)
+                        .where(
+                            f.c.file_id == attach_file_id,
+                            f.c.session_id == message.session_id,
+                            f.c.message_id.is_(None),
+                            f.c.deleted_at.is_(None),
+                        )
+                        .values(message_id=message.message_id)
+                    )
+                    if taken.rowcount != 1:
+                        raise FileNotAttachable(attach_file_id)
         except IntegrityError:
             if message.client_msg_id is not None:
                 original = await self.by_client_msg_id(
@@ -181,6 +207,57 @@ class MessageStore:
         return MessagePage(
             messages=[message_from_row(row) for row in rows], has_more=has_more, total=total
         )
+
+    async def pages(self, session_id: str, page_size: int = 1000) -> AsyncIterator[list[Message]]:
+        """Every visible message of the session, oldest first, a page at a time
+        (transcripts of long sessions without holding one huge result)."""
+        m = chat_messages
+        after = 0
+        while True:
+            async with self.db.read() as conn:
+                rows = (
+                    await conn.execute(
+                        select(m)
+                        .where(m.c.session_id == session_id, m.c.seq > after, _VISIBLE)
+                        .order_by(m.c.seq)
+                        .limit(page_size)
+                    )
+                ).all()
+            if not rows:
+                return
+            page = [message_from_row(row) for row in rows]
+            after = page[-1].seq
+            yield page
+            if len(rows) < page_size:
+                return
+
+    async def edit(self, message_id: str, content: str, now: datetime) -> Message | None:
+        """Replace a live message's content; None when it is gone."""
+        m = chat_messages
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(
+                    update(m)
+                    .where(m.c.message_id == message_id, _VISIBLE)
+                    .values(content=content, is_edited=True, edited_at=now)
+                    .returning(*m.c)
+                )
+            ).first()
+        return message_from_row(row) if row else None
+
+    async def soft_delete(self, message_id: str, now: datetime) -> Message | None:
+        """Hide a message from history; None when it was already gone."""
+        m = chat_messages
+        async with self.db.write() as conn:
+            row = (
+                await conn.execute(
+                    update(m)
+                    .where(m.c.message_id == message_id, _VISIBLE)
+                    .values(deleted_at=now)
+                    .returning(*m.c)
+                )
+            ).first()
+        return message_from_row(row) if row else None
 
     async def by_message_id(self, message_id: str) -> Message | None:
         m = chat_messages

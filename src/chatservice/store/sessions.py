@@ -41,6 +41,11 @@ def session_from_row(row: Any) -> Session:
         started_at=row.started_at,
         ended_at=row.ended_at,
         scheduled_at=row.scheduled_at,
+        archive_state=row.archive_state,
+        archive_key=row.archive_key,
+        archive_json_key=row.archive_json_key,
+        archived_at=row.archived_at,
+        snapshot_seq=row.snapshot_seq,
     )
 
 
@@ -277,6 +282,7 @@ class SessionStore:
         values: dict[str, Any] = {"status": status, "updated_at": now}
         if ended:
             values["ended_at"] = now
+            values["archive_state"] = "pending"
         if status not in WRITABLE_STATUSES:
             # A direct pair has one *live* session; once it ends or is deleted the pair may
             # start a new one, so the key moves on.

@@ -63,15 +63,22 @@ chat_sessions = Table(
     Column("scheduled_at", Timestamp),
     Column("started_at", Timestamp),
     Column("ended_at", Timestamp),
+    Column("archive_state", String(10)),
+    Column("archive_key", String(500)),
+    Column("archive_json_key", String(500)),
+    Column("archived_at", Timestamp),
+    Column("snapshot_seq", Integer, nullable=False, server_default="0"),
     CheckConstraint(
         "status IN ('scheduled', 'active', 'archived', 'deleted')", name="check_status"
     ),
     CheckConstraint("kind IN ('agent', 'direct', 'group')", name="check_kind"),
+    CheckConstraint("archive_state IN ('pending', 'done', 'empty')", name="check_archive_state"),
 )
 Index("idx_chat_sessions_user_id", chat_sessions.c.user_id)
 Index("idx_chat_sessions_agent_id", chat_sessions.c.agent_id)
 Index("idx_chat_sessions_trace_id", chat_sessions.c.trace_id)
 Index("idx_chat_sessions_status", chat_sessions.c.status)
+Index("idx_chat_sessions_updated_at", chat_sessions.c.updated_at)
 
 chat_participants = Table(
     "chat_participants",
@@ -149,8 +156,10 @@ chat_files = Table(
     Column("file_url", String(500)),
     Column("thumbnail_url", String(500)),
     Column("storage_key", String(500)),
+    Column("thumbnail_key", String(500)),
     Column("uploaded_by", String(100)),
     Column("uploaded_at", Timestamp, nullable=False, server_default=func.now()),
+    Column("deleted_at", Timestamp),
 )
 Index("idx_chat_files_message_id", chat_files.c.message_id)
 Index("idx_chat_files_uploaded_by", chat_files.c.uploaded_by)

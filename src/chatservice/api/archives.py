@@ -1,0 +1,43 @@
+"""Transcripts and archives: `/api/chat/sessions/{id}/transcript` and `…/archive`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from starlette.responses import Response
+
+from chatservice.api.deps import Caller, Parts
+from chatservice.api.sessions import SessionId
+from chatservice.media.names import content_disposition
+from chatservice.services.archives import Document
+
+router = APIRouter(prefix="/api/chat", tags=["archives"])
+
+Format = Annotated[Literal["text", "json"], Query()]
+
+
+@router.get("/sessions/{session_id}/transcript")
+async def transcript(
+    session_id: SessionId, caller: Caller, parts: Parts, format: Format = "text"
+) -> Response:
+    return _document(await parts.archives.transcript(caller, session_id, format), "inline")
+
+
+@router.get("/sessions/{session_id}/archive")
+async def archive(
+    session_id: SessionId, caller: Caller, parts: Parts, format: Format = "text"
+) -> Response:
+    return _document(await parts.archives.archived(caller, session_id, format), "attachment")
+
+
+def _document(document: Document, disposition: str) -> Response:
+    return Response(
+        document.body,
+        media_type=document.content_type,
+        headers={
+            "Content-Disposition": content_disposition(disposition, document.file_name),
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "private, no-cache",
+        },
+    )

@@ -1,0 +1,1 @@
+"""Blob stores: where uploaded files, thumbnails and archived transcripts live."""

@@ -1,0 +1,1 @@
+"""Upload helpers: content sniffing, safe file names and metadata-free thumbnails."""

@@ -1,0 +1,219 @@
+"""Archives: transcripts on demand, the final archive when a session ends, periodic
+snapshots of live sessions, and ending sessions left idle (seed s3's schedulers).
+
+Blob layout (seed s3's bucket): `archive/chat_{session}_final.txt` (+ `.json`) and
+`temp/chat_{session}_snapshot_{yyyyMMddHHmmss}.txt`. Ending marks the session's archive
+`pending` in the same UPDATE that ends it; writing the archive settles it to `done` (or
+`empty`), so a blob store outage only delays the archive: the retry job finishes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from chatservice.blobs.base import BlobNotFound, BlobStore
+from chatservice.domain import ArchiveState, Message, Principal, Session, utcnow
+from chatservice.services.errors import InvalidInput, NotFound
+from chatservice.services.sessions import SessionService
+from chatservice.services.transcripts import TranscriptContext, json_transcript, text_transcript
+from chatservice.store.archives import ArchiveStore
+from chatservice.store.files import FileStore
+from chatservice.store.messages import MessageStore
+
+log = logging.getLogger(__name__)
+
+TEXT_TYPE = "text/plain; charset=utf-8"
+JSON_TYPE = "application/json"
+FORMATS = ("text", "json")
+JOB_BATCH = 200
+# An end request writes its own archive; the retry job leaves it this long to do so.
+PENDING_GRACE = timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveSettings:
+    language: str = "en"
+    zone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    snapshot_keep: int = 3
+    idle_timeout: timedelta = timedelta(hours=60)
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    body: bytes
+    content_type: str
+    file_name: str
+
+
+def final_key(session_id: str, fmt: str) -> str:
+    return f"archive/chat_{session_id}_final.{'txt' if fmt == 'text' else 'json'}"
+
+
+def snapshot_prefix(session_id: str) -> str:
+    return f"temp/chat_{session_id}_snapshot_"
+
+
+class ArchiveService:
+    def __init__(
+        self,
+        sessions: SessionService,
+        messages: MessageStore,
+        files: FileStore,
+        store: ArchiveStore,
+        blobs: BlobStore,
+        settings: ArchiveSettings,
+    ) -> None:
+        self.sessions = sessions
+        self.messages = messages
+        self.files = files
+        self.store = store
+        self.blobs = blobs
+        self.settings = settings
+        sessions.end_listeners.append(self.on_ended)
+
+    # -- for participants ------------------------------------------------------------------
+
+    async def transcript(self, principal: Principal, session_id: str, fmt: str) -> Document:
+        """The session's history as it stands now."""
+        _check_format(fmt)
+        session, _ = await self.sessions.require_member(principal, session_id)
+        context, messages = await self._gather(session, utcnow())
+        if fmt == "json":
+            return Document(
+                json_transcript(context, messages), JSON_TYPE, f"chat-{session_id}.json"
+            )
+        text = text_transcript(context, messages, self.settings.language)
+        return Document(text.encode(), TEXT_TYPE, f"chat-{session_id}.txt")
+
+    async def archived(self, principal: Principal, session_id: str, fmt: str) -> Document:
+        """The transcript archived when the session ended; NotFound when there is none."""
+        _check_format(fmt)
+        session, _ = await self.sessions.require_member(principal, session_id)
+        key = session.archive_key if fmt == "text" else session.archive_json_key
+        if session.archive_state != ArchiveState.DONE or key is None:
+            raise NotFound(_no_archive_reason(session), code="ARCHIVE_NOT_FOUND")
+        try:
+            body = await self.blobs.get_bytes(key)
+        except BlobNotFound as exc:
+            log.error("session %s records archive %s but the blob is missing", session_id, key)
+            raise NotFound("the archive is missing from storage", code="ARCHIVE_NOT_FOUND") from exc
+        extension = "txt" if fmt == "text" else "json"
+        content_type = TEXT_TYPE if fmt == "text" else JSON_TYPE
+        return Document(body, content_type, f"archived-chat-log-{session_id}.{extension}")
+
+    # -- on end ----------------------------------------------------------------------------
+
+    async def on_ended(self, session: Session) -> None:
+        """Archive right away; if storage fails the session stays `pending` for the retry."""
+        try:
+            await self.archive(session.session_id)
+        except Exception:
+            log.exception(
+                "archiving session %s failed; the retry job will try again", session.session_id
+            )
+
+    async def archive(self, session_id: str) -> ArchiveState | None:
+        """Write the final transcripts of an ended session, once; returns its archive state."""
+        session = await self.sessions.store.get(session_id)
+        if session is None or session.archive_state is None:
+            return None
+        if session.archive_state != ArchiveState.PENDING:
+            return ArchiveState(session.archive_state)
+        now = utcnow()
+        context, messages = await self._gather(session, now)
+        if not messages:
+            # Seed s3: an empty consultation is not archived.
+            await self.store.record_archive(
+                session_id, ArchiveState.EMPTY, text_key=None, json_key=None, now=now
+            )
+            await self.blobs.delete_prefix(snapshot_prefix(session_id))
+            return ArchiveState.EMPTY
+        text_key, json_key = final_key(session_id, "text"), final_key(session_id, "json")
+        text = text_transcript(context, messages, self.settings.language)
+        await self.blobs.put_bytes(text_key, text.encode(), TEXT_TYPE)
+        await self.blobs.put_bytes(json_key, json_transcript(context, messages), JSON_TYPE)
+        await self.store.record_archive(
+            session_id, ArchiveState.DONE, text_key=text_key, json_key=json_key, now=now
+        )
+        # The final archive supersedes the snapshots (seed s3's clearTempSnapshots).
+        await self.blobs.delete_prefix(snapshot_prefix(session_id))
+        return ArchiveState.DONE
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    async def snapshot_changed(self) -> int:
+        """Snapshot every live session with messages since its last snapshot."""
+        written = 0
+        for session in await self.store.changed_since_snapshot(JOB_BATCH):
+            try:
+                await self._snapshot(session)
+                written += 1
+            except Exception:
+                log.exception("snapshot of session %s failed", session.session_id)
+        return written
+
+    async def end_idle(self) -> int:
+        """End (and so archive) sessions with no activity for SESSION_IDLE_TIMEOUT."""
+        quiet_since = utcnow() - self.settings.idle_timeout
+        ended = 0
+        for session_id in await self.store.idle(quiet_since, JOB_BATCH):
+            try:
+                if await self.sessions.expire(session_id) is not None:
+                    ended += 1
+            except Exception:
+                log.exception("ending idle session %s failed", session_id)
+        return ended
+
+    async def retry_pending(self) -> int:
+        """Finish archives that a blob store outage left pending."""
+        done = 0
+        for session_id in await self.store.pending(utcnow() - PENDING_GRACE, JOB_BATCH):
+            try:
+                await self.archive(session_id)
+                done += 1
+            except Exception:
+                log.exception("archiving session %s failed again", session_id)
+        return done
+
+    async def _snapshot(self, session: Session) -> None:
+        now = utcnow()
+        context, messages = await self._gather(session, now)
+        text = text_transcript(context, messages, self.settings.language)
+        stamp = now.astimezone(self.settings.zone).strftime("%Y%m%d%H%M%S")
+        prefix = snapshot_prefix(session.session_id)
+        await self.blobs.put_bytes(f"{prefix}{stamp}.txt", text.encode(), TEXT_TYPE)
+        await self.store.record_snapshot(session.session_id, session.last_seq)
+        # The stamp sorts by time: keep the newest few, which is what a restore needs.
+        older = (await self.blobs.list(prefix))[: -self.settings.snapshot_keep]
+        for key in older:
+            await self.blobs.delete(key)
+
+    async def _gather(
+        self, session: Session, now: datetime
+    ) -> tuple[TranscriptContext, list[Message]]:
+        detail = await self.sessions.store.detail(session)
+        files = {
+            record.message_id: record
+            for record in await self.files.for_session(session.session_id)
+            if record.message_id is not None
+        }
+        messages: list[Message] = []
+        async for page in self.messages.pages(session.session_id):
+            messages.extend(page)
+        return TranscriptContext(detail, self.settings.zone, now, files), messages
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise InvalidInput("format must be text or json")
+
+
+def _no_archive_reason(session: Session) -> str:
+    if session.archive_state is None:
+        return "the session has not ended, so it has no archive yet"
+    if session.archive_state == ArchiveState.EMPTY:
+        return "the session ended without messages, so nothing was archived"
+    return "the archive is still being written; try again shortly"

@@ -1,0 +1,81 @@
+"""Background jobs, in process: each on its own interval, one instance at a time.
+
+Every instance runs the same loop; before a run it takes the job's lease in `Locks`
+(Redis when configured), so with several instances a job still runs once per interval.
+The lease is kept for most of an interval after the run starts, not released when the
+run ends: an instance whose timer fires a moment later must not run the job again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from chatservice.bus.base import Locks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    name: str
+    interval: float  # seconds
+    run: Callable[[], Awaitable[int]]  # returns how many things it did, for the log
+
+
+class Scheduler:
+    def __init__(self, locks: Locks, jobs: list[Job]) -> None:
+        self.locks = locks
+        self.jobs = jobs
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._loop(job), name=f"job:{job.name}") for job in self.jobs
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    async def run_once(self, job: Job) -> int | None:
+        """Run `job` if no instance holds its lease; None when another instance has it."""
+        lease = f"job:{job.name}"
+        ttl = job.interval * 0.9
+        if not await self.locks.acquire(lease, ttl):
+            return None
+        renewing = asyncio.create_task(self._keep(lease, ttl))
+        try:
+            return await job.run()
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+
+    async def _loop(self, job: Job) -> None:
+        # A random start spreads instances (and jobs) that booted together.
+        await asyncio.sleep(job.interval * random.uniform(0.5, 1.0))
+        while True:
+            try:
+                done = await self.run_once(job)
+                if done:
+                    log.info("job %s: %d done", job.name, done)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the next interval tries again
+                log.exception("job %s failed", job.name)
+            await asyncio.sleep(job.interval)
+
+    async def _keep(self, lease: str, ttl: float) -> None:
+        # A run longer than its lease (a huge snapshot batch) keeps it until it ends.
+        while True:
+            await asyncio.sleep(ttl / 3)
+            await self.locks.renew(lease, ttl)

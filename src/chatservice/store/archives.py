@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, not_, select, update
 
 from chatservice.domain import WRITABLE_STATUSES, ArchiveState, Session, SessionStatus
 from chatservice.store.database import Database
@@ -79,10 +79,20 @@ class ArchiveStore:
             )
 
     async def idle(self, quiet_since: datetime, limit: int) -> list[str]:
-        """Live sessions with no activity since `quiet_since` (seed s3's abandoned rooms)."""
+        """Live sessions with no activity since `quiet_since` (seed s3's abandoned rooms).
+
+        A scheduled session is idle only once its scheduled time is that far past too.
+        """
+        not_yet_due = and_(
+            _s.c.status == SessionStatus.SCHEDULED.value, _s.c.scheduled_at >= quiet_since
+        )
         query = (
             select(_s.c.session_id)
-            .where(_s.c.status.in_(WRITABLE_STATUSES), _s.c.updated_at < quiet_since)
+            .where(
+                _s.c.status.in_(WRITABLE_STATUSES),
+                _s.c.updated_at < quiet_since,
+                not_(not_yet_due),
+            )
             .order_by(_s.c.updated_at)
             .limit(limit)
         )

@@ -162,6 +162,7 @@ def build_components(settings: Settings) -> Components:
             idle_timeout=timedelta(seconds=settings.session_idle_timeout),
         ),
     )
+    message_service.delete_listeners.append(archive_service.on_message_deleted)
     scheduler = Scheduler(locks, maintenance_jobs(settings, archive_service, file_service))
     return Components(
         settings=settings,

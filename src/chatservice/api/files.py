@@ -56,7 +56,7 @@ async def upload_file(
         if not isinstance(part, UploadFile):
             raise InvalidInput("the form has no `file` part", code="FILE_REQUIRED")
         caption = _text_field(form.get("message"), "message")
-        client_msg_id = _text_field(form.get("client_msg_id"), "client_msg_id")
+        client_msg_id = _text_field(form.get("client_msg_id"), "client_msg_id") or None
         attach = (_text_field(form.get("attach"), "attach") or "true").lower() not in _FALSE
         record, message = await parts.files.upload(
             caller,
@@ -123,7 +123,7 @@ def _serve(parts: Parts, request: Request, found: Download) -> Response:
         "ETag": found.etag,
         "Content-Disposition": content_disposition(disposition, found.file_name),
     }
-    if found.etag in _etags(request.headers.get("if-none-match")):
+    if {found.etag, "*"} & _etags(request.headers.get("if-none-match")):
         return Response(status_code=304, headers=headers)
     span = _range(request, found)
     if isinstance(span, str):  # "unsatisfiable"

@@ -10,6 +10,8 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+_CLOSE = (b"connection", b"close")
+
 
 class BodyTooLarge(HTTPException):
     """An HTTPException so FastAPI's body parsing lets it through as a 413."""
@@ -62,13 +64,15 @@ class BodyLimitMiddleware:
                     return
         received = 0
         started = False
+        exceeded = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    exceeded = True
                     raise BodyTooLarge(refusal)
             return message
 
@@ -76,6 +80,10 @@ class BodyLimitMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if exceeded:
+                    # The rest of the body is still coming; closing the connection stops
+                    # it instead of reading (and discarding) all of it.
+                    message = {**message, "headers": [*message["headers"], _CLOSE]}
             await send(message)
 
         try:
@@ -100,6 +108,7 @@ class BodyLimitMiddleware:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    _CLOSE,
                 ],
             }
         )

@@ -74,6 +74,11 @@ class ArchiveService:
         self.settings = settings
         sessions.end_listeners.append(self.on_ended)
 
+    async def on_message_deleted(self, message: Message) -> None:
+        """A deleted message must not live on in snapshots: drop them, snapshot afresh."""
+        await self.blobs.delete_prefix(snapshot_prefix(message.session_id))
+        await self.store.reset_snapshot(message.session_id)
+
     # -- for participants ------------------------------------------------------------------
 
     async def transcript(self, principal: Principal, session_id: str, fmt: str) -> Document:
@@ -182,10 +187,16 @@ class ArchiveService:
         now = utcnow()
         context, messages = await self._gather(session, now)
         text = text_transcript(context, messages, self.settings.language)
-        stamp = now.astimezone(self.settings.zone).strftime("%Y%m%d%H%M%S")
+        # UTC, not TRANSCRIPT_TIMEZONE: names must sort by time even across DST changes.
+        stamp = now.strftime("%Y%m%d%H%M%S")
         prefix = snapshot_prefix(session.session_id)
         await self.blobs.put_bytes(f"{prefix}{stamp}.txt", text.encode(), TEXT_TYPE)
         await self.store.record_snapshot(session.session_id, session.last_seq)
+        current = await self.sessions.store.get(session.session_id)
+        if current is None or current.archive_state is not None:
+            # It ended while this snapshot was written, after its archive cleared temp/.
+            await self.blobs.delete_prefix(prefix)
+            return
         # The stamp sorts by time: keep the newest few, which is what a restore needs.
         older = (await self.blobs.list(prefix))[: -self.settings.snapshot_keep]
         for key in older:

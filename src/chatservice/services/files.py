@@ -186,7 +186,12 @@ class FileService:
             # A retried upload (same client_msg_id): answer with the original's file.
             await self._discard(record, in_store=True)
             original = await self._file_of(result.message)
-            return (original or record), result.message
+            if original is None:
+                raise Conflict(
+                    "client_msg_id was already used for a message without a file",
+                    code="CLIENT_MSG_ID_REUSED",
+                )
+            return original, result.message
         record.message_id = result.message.message_id
         return record, result.message
 

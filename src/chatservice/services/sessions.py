@@ -114,6 +114,11 @@ class SessionService:
             raise NotFound("session not found", code="SESSION_NOT_FOUND")
         if member is None:
             raise Forbidden("you are not a participant of this session")
+        if principal.name and principal.name != member.display_name:
+            # Members other than the creator are added by id; their name is learnt from
+            # their own token (a write only when it changes), for transcripts.
+            await self.store.set_display_name(session_id, principal.user_id, principal.name)
+            member.display_name = principal.name
         return session, member
 
     async def list(
@@ -173,8 +178,10 @@ class SessionService:
         if ended is None:  # a concurrent end or delete won
             session, _ = await self.require_member(principal, session_id)
             return session
+        # The archive is written first, so a client reacting to the event can fetch it.
+        session = await self._ended(ended)
         await self._announce(session_id, "session_ended", principal.user_id, now)
-        return await self._ended(ended)
+        return session
 
     async def expire(self, session_id: str) -> Session | None:
         """End a session nobody used for too long (the idle job); None if it had ended."""
@@ -188,8 +195,9 @@ class SessionService:
         )
         if ended is None:
             return None
+        session = await self._ended(ended)
         await self._announce(session_id, "session_ended", None, now, reason="idle")
-        return await self._ended(ended)
+        return session
 
     async def _ended(self, session: Session) -> Session:
         for listener in self.end_listeners:

@@ -78,6 +78,13 @@ class ArchiveStore:
                 .values(snapshot_seq=seq)
             )
 
+    async def reset_snapshot(self, session_id: str) -> None:
+        """Make the session due for a fresh snapshot (its history changed in place)."""
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(_s).where(_s.c.session_id == session_id).values(snapshot_seq=0)
+            )
+
     async def idle(self, quiet_since: datetime, limit: int) -> list[str]:
         """Live sessions with no activity since `quiet_since` (seed s3's abandoned rooms).
 

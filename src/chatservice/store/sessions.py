@@ -358,6 +358,15 @@ class SessionStore:
             )
         return bool(result.rowcount)
 
+    async def set_display_name(self, session_id: str, user_id: str, name: str) -> None:
+        p = chat_participants
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(p)
+                .where(p.c.session_id == session_id, p.c.user_id == user_id)
+                .values(display_name=name[:200])
+            )
+
     async def unread_count(self, session_id: str, user_id: str, after_seq: int) -> int:
         m = chat_messages
         async with self.db.read() as conn:

@@ -9,6 +9,7 @@ Blob layout (seed s3's bucket): `archive/chat_{session}_final.txt` (+ `.json`) a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -87,10 +88,9 @@ class ArchiveService:
         session, _ = await self.sessions.require_member(principal, session_id)
         context, messages = await self._gather(session, utcnow())
         if fmt == "json":
-            return Document(
-                json_transcript(context, messages), JSON_TYPE, f"chat-{session_id}.json"
-            )
-        text = text_transcript(context, messages, self.settings.language)
+            body = await asyncio.to_thread(json_transcript, context, messages)
+            return Document(body, JSON_TYPE, f"chat-{session_id}.json")
+        text = await self._text(context, messages)
         return Document(text.encode(), TEXT_TYPE, f"chat-{session_id}.txt")
 
     async def archived(self, principal: Principal, session_id: str, fmt: str) -> Document:
@@ -137,9 +137,10 @@ class ArchiveService:
             await self.blobs.delete_prefix(snapshot_prefix(session_id))
             return ArchiveState.EMPTY
         text_key, json_key = final_key(session_id, "text"), final_key(session_id, "json")
-        text = text_transcript(context, messages, self.settings.language)
+        text = await self._text(context, messages)
         await self.blobs.put_bytes(text_key, text.encode(), TEXT_TYPE)
-        await self.blobs.put_bytes(json_key, json_transcript(context, messages), JSON_TYPE)
+        json = await asyncio.to_thread(json_transcript, context, messages)
+        await self.blobs.put_bytes(json_key, json, JSON_TYPE)
         await self.store.record_archive(
             session_id, ArchiveState.DONE, text_key=text_key, json_key=json_key, now=now
         )
@@ -186,7 +187,7 @@ class ArchiveService:
     async def _snapshot(self, session: Session) -> None:
         now = utcnow()
         context, messages = await self._gather(session, now)
-        text = text_transcript(context, messages, self.settings.language)
+        text = await self._text(context, messages)
         # UTC, not TRANSCRIPT_TIMEZONE: names must sort by time even across DST changes.
         stamp = now.strftime("%Y%m%d%H%M%S")
         prefix = snapshot_prefix(session.session_id)
@@ -201,6 +202,10 @@ class ArchiveService:
         older = (await self.blobs.list(prefix))[: -self.settings.snapshot_keep]
         for key in older:
             await self.blobs.delete(key)
+
+    async def _text(self, context: TranscriptContext, messages: list[Message]) -> str:
+        # Formatting a long session takes tens of milliseconds: not on the event loop.
+        return await asyncio.to_thread(text_transcript, context, messages, self.settings.language)
 
     async def _gather(
         self, session: Session, now: datetime

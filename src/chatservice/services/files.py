@@ -47,6 +47,9 @@ MAX_CAPTION_CHARS = 4000
 # Decoding an image takes memory in proportion to its pixels; a couple at a time keeps
 # a burst of uploads from multiplying that.
 THUMBNAIL_WORKERS = 2
+# Writing a blob to S3 holds one part (8 MiB) in memory; this bounds how many at once
+# (bench/README.md: without it, 20 uploads in flight took ~190 MiB).
+BLOB_WRITERS = 4
 
 
 @dataclass(slots=True, frozen=True)
@@ -108,6 +111,7 @@ class FileService:
         self.blobs = blobs
         self.limits = limits
         self._decoders = asyncio.Semaphore(THUMBNAIL_WORKERS)
+        self._writers = asyncio.Semaphore(BLOB_WRITERS)
         messages.delete_listeners.append(self.on_message_deleted)
 
     async def check_can_upload(self, principal: Principal, session_id: str) -> Session:
@@ -162,7 +166,8 @@ class FileService:
             uploaded_at=utcnow(),
         )
         try:
-            record.file_size = await self.blobs.put_stream(base, upload.source, file_type)
+            async with self._writers:
+                record.file_size = await self.blobs.put_stream(base, upload.source, file_type)
             if thumbnail is not None and record.thumbnail_key:
                 await self.blobs.put_bytes(
                     record.thumbnail_key, thumbnail.data, thumbnail.content_type

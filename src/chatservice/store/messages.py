@@ -209,8 +209,8 @@ class MessageStore:
         )
 
     async def pages(self, session_id: str, page_size: int = 1000) -> AsyncIterator[list[Message]]:
-        """Every visible message of the session, oldest first, a page at a time
-        (transcripts of long sessions without holding one huge result)."""
+        """Every visible message of the session, oldest first, a page at a time (one
+        query per page, so a long session does not hold a database connection long)."""
         m = chat_messages
         after = 0
         while True:

@@ -74,6 +74,11 @@ class ArchiveService:
         self.blobs = blobs
         self.settings = settings
         sessions.end_listeners.append(self.on_ended)
+        sessions.delete_listeners.append(self.on_deleted)
+
+    async def on_deleted(self, session: Session) -> None:
+        """A deleted session is never archived; its snapshots must not outlive it."""
+        await self.blobs.delete_prefix(snapshot_prefix(session.session_id))
 
     async def on_message_deleted(self, message: Message) -> None:
         """A deleted message must not live on in snapshots: drop them, snapshot afresh."""
@@ -167,7 +172,7 @@ class ArchiveService:
         ended = 0
         for session_id in await self.store.idle(quiet_since, JOB_BATCH):
             try:
-                if await self.sessions.expire(session_id) is not None:
+                if await self.sessions.expire(session_id, quiet_since) is not None:
                     ended += 1
             except Exception:
                 log.exception("ending idle session %s failed", session_id)

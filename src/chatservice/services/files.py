@@ -257,8 +257,8 @@ class FileService:
         """Remove uploads no message took up (`attach=false` and never attached)."""
         removed = 0
         for record in await self.store.unattached_before(older_than, batch):
-            await self._discard(record, in_store=True)
-            removed += 1
+            if await self._discard(record, in_store=True):
+                removed += 1
         return removed
 
     @staticmethod
@@ -279,18 +279,21 @@ class FileService:
         file_id = info.get("file_id") if isinstance(info, dict) else None
         return await self.store.get(file_id) if isinstance(file_id, str) else None
 
-    async def _discard(self, record: FileRecord, *, in_store: bool = False) -> None:
-        """Undo a stored upload; shielded so a cancelled request still cleans up."""
+    async def _discard(self, record: FileRecord, *, in_store: bool = False) -> bool:
+        """Undo a stored, unattached upload; shielded so a cancelled request still cleans
+        up. False when a message took the file meanwhile (then it stays)."""
 
-        async def undo() -> None:
-            if in_store:
-                await self.store.remove(record.file_id)
+        async def undo() -> bool:
+            if in_store and not await self.store.remove_unattached(record.file_id):
+                return False
             await self._delete_blobs(record)
+            return True
 
         try:
-            await asyncio.shield(undo())
+            return await asyncio.shield(undo())
         except Exception:
             log.exception("could not remove the upload %s", record.file_id)
+            return False
 
     async def _delete_blobs(self, record: FileRecord) -> None:
         for key in (record.storage_key, record.thumbnail_key):

@@ -32,6 +32,7 @@ class Scheduler:
         self.locks = locks
         self.jobs = jobs
         self._tasks: list[asyncio.Task[None]] = []
+        self._renewals: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._tasks = [
@@ -39,7 +40,7 @@ class Scheduler:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._renewals]:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
@@ -52,13 +53,18 @@ class Scheduler:
         ttl = job.interval * 0.9
         if not await self.locks.acquire(lease, ttl):
             return None
-        renewing = asyncio.create_task(self._keep(lease, ttl))
+        finished = asyncio.Event()
+        renewing = asyncio.create_task(self._keep(lease, ttl, finished))
+        self._renewals.add(renewing)
+        renewing.add_done_callback(self._renewals.discard)
         try:
             return await job.run()
         finally:
+            # Not awaited: waiting here could swallow a cancellation meant for this task.
+            # The flag ends the renewal even if its cancel is lost inside a Redis call
+            # (redis-py's wait_for can drop one on Python 3.11).
+            finished.set()
             renewing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewing
 
     async def _loop(self, job: Job) -> None:
         # A random start spreads instances (and jobs) that booted together.
@@ -74,8 +80,10 @@ class Scheduler:
                 log.exception("job %s failed", job.name)
             await asyncio.sleep(job.interval)
 
-    async def _keep(self, lease: str, ttl: float) -> None:
+    async def _keep(self, lease: str, ttl: float, finished: asyncio.Event) -> None:
         # A run longer than its lease (a huge snapshot batch) keeps it until it ends.
-        while True:
+        while not finished.is_set():
             await asyncio.sleep(ttl / 3)
+            if finished.is_set():
+                return
             await self.locks.renew(lease, ttl)

@@ -53,8 +53,9 @@ class SessionService:
         self.store = store
         self.bus = bus
         self.presence = presence
-        # Told about every session that ends (the archive is written there).
+        # Told about every session that ends (the archive is written there) or is deleted.
         self.end_listeners: list[Callable[[Session], Awaitable[None]]] = []
+        self.delete_listeners: list[Callable[[Session], Awaitable[None]]] = []
 
     async def create(self, principal: Principal, request: NewSession) -> tuple[SessionDetail, bool]:
         """Create a session; a `direct` pair that exists already is returned (created=False)."""
@@ -158,6 +159,8 @@ class SessionService:
             only_from=(*WRITABLE_STATUSES, SessionStatus.ARCHIVED.value),
         )
         if changed is not None:
+            for listener in self.delete_listeners:
+                await listener(changed)
             await self._announce(session_id, "session_deleted", principal.user_id, now)
 
     async def end(self, principal: Principal, session_id: str) -> Session:
@@ -183,8 +186,9 @@ class SessionService:
         await self._announce(session_id, "session_ended", principal.user_id, now)
         return session
 
-    async def expire(self, session_id: str) -> Session | None:
-        """End a session nobody used for too long (the idle job); None if it had ended."""
+    async def expire(self, session_id: str, quiet_since: datetime) -> Session | None:
+        """End a session with no activity since `quiet_since` (the idle job); None if it
+        ended meanwhile or became active again."""
         now = utcnow()
         ended = await self.store.set_status(
             session_id,
@@ -192,6 +196,7 @@ class SessionService:
             now=now,
             only_from=WRITABLE_STATUSES,
             ended=True,
+            quiet_since=quiet_since,
         )
         if ended is None:
             return None

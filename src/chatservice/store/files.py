@@ -95,9 +95,13 @@ class FileStore:
             ).all()
         return [file_from_row(row) for row in rows]
 
-    async def remove(self, file_id: str) -> None:
+    async def remove_unattached(self, file_id: str) -> bool:
+        """Delete the row of an upload no message carries; False if one took it meanwhile."""
         async with self.db.write() as conn:
-            await conn.execute(delete(_f).where(_f.c.file_id == file_id))
+            result = await conn.execute(
+                delete(_f).where(_f.c.file_id == file_id, _f.c.message_id.is_(None))
+            )
+        return bool(result.rowcount)
 
     async def unattached_before(self, moment: datetime, limit: int) -> list[FileRecord]:
         """Uploads no message took up in time (`attach=false` left dangling)."""

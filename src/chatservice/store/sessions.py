@@ -277,8 +277,10 @@ class SessionStore:
         now: datetime,
         only_from: Sequence[str],
         ended: bool = False,
+        quiet_since: datetime | None = None,
     ) -> Session | None:
-        """Move the session to `status` if it is in `only_from`; None when it was not."""
+        """Move the session to `status` if it is in `only_from` (and, with `quiet_since`,
+        had no activity since then); None when it was not."""
         values: dict[str, Any] = {"status": status, "updated_at": now}
         if ended:
             values["ended_at"] = now
@@ -294,6 +296,11 @@ class SessionStore:
                     .where(
                         chat_sessions.c.session_id == session_id,
                         chat_sessions.c.status.in_(list(only_from)),
+                        *(
+                            ()
+                            if quiet_since is None
+                            else (chat_sessions.c.updated_at < quiet_since,)
+                        ),
                     )
                     .values(**values)
                     .returning(*chat_sessions.c)

@@ -79,11 +79,11 @@ class Download:
     etag: str
 
 
-def _inspect(source: BinaryIO, declared: str | None, limits: FileLimits) -> tuple[str, bytes]:
+def _judge(source: BinaryIO, declared: str | None, limits: FileLimits) -> str:
     source.seek(0)
     head = source.read(HEAD_BYTES)
     source.seek(0)
-    return judge_type(head, declared, limits.allowed_types), head
+    return judge_type(head, declared, limits.allowed_types)
 
 
 def _thumbnail(source: BinaryIO, limits: FileLimits) -> Thumbnail:
@@ -138,8 +138,8 @@ class FileService:
         if upload.size > self.limits.max_size:
             raise TooLarge(f"file is larger than {self.limits.max_size} bytes")
         try:
-            file_type, _ = await asyncio.to_thread(
-                _inspect, upload.source, upload.declared_type, self.limits
+            file_type = await asyncio.to_thread(
+                _judge, upload.source, upload.declared_type, self.limits
             )
         except FileTypeRefused as exc:
             if exc.code == "EMPTY_FILE":

@@ -11,6 +11,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _CLOSE = (b"connection", b"close")
+# After a 413 the server reads and discards the rest of the body: closing at once would
+# reset the connection under a client still sending, and most clients (httpx, requests)
+# would then never read the 413. Past this much, though, the connection is closed.
+DRAIN_LIMIT = 64 * 1024 * 1024
 
 
 class BodyTooLarge(HTTPException):
@@ -60,19 +64,17 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = 0
                 if declared > limit:
-                    await self._reject(send, refusal)
+                    await self._reject(send, refusal, close=declared > limit + DRAIN_LIMIT)
                     return
         received = 0
         started = False
-        exceeded = False
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
+            nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    exceeded = True
                     raise BodyTooLarge(refusal)
             return message
 
@@ -80,10 +82,6 @@ class BodyLimitMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if exceeded:
-                    # The rest of the body is still coming; closing the connection stops
-                    # it instead of reading (and discarding) all of it.
-                    message = {**message, "headers": [*message["headers"], _CLOSE]}
             await send(message)
 
         try:
@@ -92,7 +90,7 @@ class BodyLimitMiddleware:
             if not started:
                 await self._reject(send, refusal)
 
-    async def _reject(self, send: Send, refusal: str) -> None:
+    async def _reject(self, send: Send, refusal: str, *, close: bool = False) -> None:
         body = orjson.dumps(
             {
                 "error": {
@@ -108,7 +106,7 @@ class BodyLimitMiddleware:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
-                    _CLOSE,
+                    *([_CLOSE] if close else []),
                 ],
             }
         )

@@ -41,6 +41,12 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+def check_range(start: int, end: int | None) -> None:
+    """Both stores refuse a backwards range: S3 would silently send the whole object."""
+    if start < 0 or (end is not None and end < start):
+        raise ValueError(f"invalid byte range {start}-{end}")
+
+
 class BlobStore(Protocol):
     async def start(self) -> None:
         """Make the store usable (create the directory / the bucket if missing)."""

@@ -16,16 +16,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
-from chatservice.blobs.base import READ_CHUNK, BlobNotFound, InvalidKey, check_key, check_prefix
+from chatservice.blobs.base import (
+    READ_CHUNK,
+    BlobNotFound,
+    InvalidKey,
+    check_key,
+    check_prefix,
+    check_range,
+)
 
 
 class _Abandoned(Exception):
     """The caller of a write went away; the half-written file must not become a blob."""
-
-
-def _check_range(start: int, end: int | None) -> None:
-    if start < 0 or (end is not None and end < start):
-        raise ValueError(f"invalid byte range {start}-{end}")
 
 
 def _is_key(name: str) -> bool:
@@ -102,7 +104,7 @@ class LocalBlobStore:
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         path = self._path(key)
-        _check_range(start, end)
+        check_range(start, end)
         return self._read(key, path, start, end)
 
     async def _read(

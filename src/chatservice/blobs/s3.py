@@ -13,7 +13,7 @@ from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
 from aiobotocore.session import get_session  # type: ignore[import-untyped]
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
-from chatservice.blobs.base import READ_CHUNK, BlobNotFound, check_key, check_prefix
+from chatservice.blobs.base import READ_CHUNK, BlobNotFound, check_key, check_prefix, check_range
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -31,12 +31,6 @@ _NO_KEY = {"404", "NotFound", "NoSuchKey"}
 
 def _error_code(exc: Exception) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-
-
-def _check_range(start: int, end: int | None) -> None:
-    # S3 ignores a Range it cannot parse and sends the whole object: reject it here.
-    if start < 0 or (end is not None and end < start):
-        raise ValueError(f"invalid byte range {start}-{end}")
 
 
 def _read_part(source: BinaryIO, size: int, head: bytes = b"") -> tuple[io.BytesIO, int]:
@@ -211,7 +205,7 @@ class S3BlobStore:
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         check_key(key)
-        _check_range(start, end)
+        check_range(start, end)
         return self._read(key, start, end)
 
     async def _read(self, key: str, start: int, end: int | None) -> AsyncIterator[bytes]:

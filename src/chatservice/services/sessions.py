@@ -32,6 +32,7 @@ MAX_PARTICIPANTS = 1000
 MAX_METADATA_BYTES = 16_384
 MAX_TITLE_LENGTH = 200
 MAX_USER_ID_LENGTH = 100
+MAX_DISPLAY_NAME = 200  # chat_participants.display_name
 LISTABLE_STATUSES = (
     SessionStatus.SCHEDULED.value,
     SessionStatus.ACTIVE.value,
@@ -100,7 +101,7 @@ class SessionService:
                 principal.user_id,
                 Role.OWNER.value,
                 now,
-                display_name=principal.name,
+                display_name=(principal.name or "")[:MAX_DISPLAY_NAME] or None,
             )
         ] + [Participant(session.session_id, uid, Role.MEMBER.value, now) for uid in others]
         stored, created = await self.store.create(session, members, direct_key)
@@ -115,11 +116,12 @@ class SessionService:
             raise NotFound("session not found", code="SESSION_NOT_FOUND")
         if member is None:
             raise Forbidden("you are not a participant of this session")
-        if principal.name and principal.name != member.display_name:
+        name = (principal.name or "")[:MAX_DISPLAY_NAME]
+        if name and name != member.display_name:
             # Members other than the creator are added by id; their name is learnt from
             # their own token (a write only when it changes), for transcripts.
-            await self.store.set_display_name(session_id, principal.user_id, principal.name)
-            member.display_name = principal.name
+            await self.store.set_display_name(session_id, principal.user_id, name)
+            member.display_name = name
         return session, member
 
     async def list(

@@ -371,7 +371,7 @@ class SessionStore:
             await conn.execute(
                 update(p)
                 .where(p.c.session_id == session_id, p.c.user_id == user_id)
-                .values(display_name=name[:200])
+                .values(display_name=name)
             )
 
     async def unread_count(self, session_id: str, user_id: str, after_seq: int) -> int:

@@ -22,7 +22,6 @@ from chatservice.domain import (
     MessageType,
     Principal,
     Session,
-    SessionStatus,
     new_id,
     utcnow,
 )
@@ -33,12 +32,11 @@ from chatservice.services.errors import (
     Conflict,
     InvalidInput,
     NotFound,
-    SessionClosed,
     TooLarge,
     UnsupportedMediaType,
 )
 from chatservice.services.messages import Draft, MessageService
-from chatservice.services.sessions import SessionService
+from chatservice.services.sessions import SessionService, require_writable
 from chatservice.store.files import FileStore
 
 log = logging.getLogger(__name__)
@@ -118,8 +116,7 @@ class FileService:
         """Everything that can refuse an upload before its body is read: membership, a
         writable session, the sender's rate budget (an upload counts as one send)."""
         session, _ = await self.sessions.require_member(principal, session_id)
-        if session.status not in (SessionStatus.ACTIVE, SessionStatus.SCHEDULED):
-            raise SessionClosed("the session has ended; it is read-only")
+        require_writable(session)
         await self.messages.check_rate(principal)
         return session
 

@@ -17,7 +17,6 @@ from chatservice.domain import (
     SenderType,
     SendResult,
     Session,
-    SessionStatus,
     new_id,
     utcnow,
 )
@@ -30,7 +29,12 @@ from chatservice.services.errors import (
     SessionClosed,
     TooLarge,
 )
-from chatservice.services.sessions import SessionService, check_metadata
+from chatservice.services.sessions import (
+    READ_ONLY,
+    SessionService,
+    check_metadata,
+    require_writable,
+)
 from chatservice.store.messages import FileNotAttachable, MessageStore, SessionNotWritable
 
 MAX_PAGE = 200
@@ -82,8 +86,7 @@ class MessageService:
     ) -> SendResult:
         """Send for a caller whose membership the transport already checked (a live socket)."""
         self._validate(draft)
-        if session.status not in (SessionStatus.ACTIVE, SessionStatus.SCHEDULED):
-            raise SessionClosed("the session has ended; it is read-only")
+        require_writable(session)
         if draft.rate_limited:
             await self.check_rate(principal)
         message = Message(
@@ -101,7 +104,7 @@ class MessageService:
         try:
             stored, created = await self.store.append(message, attach_file_id=draft.file_id)
         except SessionNotWritable as exc:
-            raise SessionClosed("the session has ended; it is read-only") from exc
+            raise SessionClosed(READ_ONLY) from exc
         except FileNotAttachable as exc:
             raise Conflict(
                 "the file does not exist in this session or is already on a message",
@@ -168,8 +171,7 @@ class MessageService:
         session, _ = await self.sessions.require_member(principal, message.session_id)
         if message.sender_type != SenderType.USER or message.sender_id != principal.user_id:
             raise Forbidden("only the sender can change or delete a message")
-        if session.status not in (SessionStatus.ACTIVE, SessionStatus.SCHEDULED):
-            raise SessionClosed("the session has ended; it is read-only")
+        require_writable(session)
         return message
 
     async def page(

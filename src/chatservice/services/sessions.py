@@ -25,7 +25,14 @@ from chatservice.domain import (
     new_id,
     utcnow,
 )
-from chatservice.services.errors import Conflict, Forbidden, InvalidInput, NotFound, TooLarge
+from chatservice.services.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    SessionClosed,
+    TooLarge,
+)
 from chatservice.store.sessions import SessionStore
 
 MAX_PARTICIPANTS = 1000
@@ -33,6 +40,7 @@ MAX_METADATA_BYTES = 16_384
 MAX_TITLE_LENGTH = 200
 MAX_USER_ID_LENGTH = 100
 MAX_DISPLAY_NAME = 200  # chat_participants.display_name
+READ_ONLY = "the session has ended; it is read-only"
 LISTABLE_STATUSES = (
     SessionStatus.SCHEDULED.value,
     SessionStatus.ACTIVE.value,
@@ -282,11 +290,10 @@ class SessionService:
         await self.bus.publish(events.session_channel(session_id), events.encode(event))
 
 
-def _check_group(session: Session) -> None:
-    if session.kind != SessionKind.GROUP:
-        raise Conflict(
-            f"the membership of a {session.kind} session is fixed", code="FIXED_MEMBERSHIP"
-        )
+def require_writable(session: Session) -> None:
+    """Ended (archived) sessions are read-only: no sends, uploads, edits or deletes."""
+    if session.status not in WRITABLE_STATUSES:
+        raise SessionClosed(READ_ONLY)
 
 
 def _other_participants(creator: str, requested: list[str]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import delete, select, update
 
 from chatservice.domain import FileRecord, as_utc
 from chatservice.store.database import Database
@@ -107,9 +107,7 @@ class FileStore:
         """Uploads no message took up in time (`attach=false` left dangling)."""
         query = (
             select(_f)
-            .where(
-                and_(_f.c.message_id.is_(None), _f.c.uploaded_at < moment),
-            )
+            .where(_f.c.message_id.is_(None), _f.c.uploaded_at < moment)
             .order_by(_f.c.id)
             .limit(limit)
         )

@@ -27,8 +27,8 @@ What it does:
      transcript     GET …/transcript?format=text and ?format=json (formatted on demand).
    For each request: its time, the body's size, the server's memory (VmRSS before, peak,
    as in uploads.py) and the slowest /healthz answer during it (probed every 50 ms on a
-   connection of its own): formatting runs on the server's event loop, and this shows how
-   long everything else waited meanwhile.
+   connection of its own), which shows how long the request kept the server's event loop
+   from answering anything else.
    The archives are checked: the JSON's `message_count` and its messages, and the text's
    "Total messages" line and its message blocks, must match what was sent.
 4. Prints a row per repeat and min / median over the repeats.

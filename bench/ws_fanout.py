@@ -7,7 +7,7 @@
 
 Scenarios (`--scenario`; `--rooms`, `--members`, `--senders`, `--window`, `--rate` override):
   windowed    10 rooms x 50 members, member 0 of each room sends as fast as a window of 20
-              unacknowledged messages allows (the core issue's benchmark, the default).
+              unacknowledged messages allows (the main scenario, the default).
   many-small  100 rooms x 5 members, every member sends at a steady 2 msgs/s (paced on a
               fixed schedule, not windowed), so 1000 msgs/s are offered in all.
 

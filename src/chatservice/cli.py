@@ -4,14 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from chatservice.config import ConfigError, Settings
+from chatservice import __version__
+from chatservice.config import ConfigError, Settings, default_data_dir
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help="Real-time chat backend.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"chat-service {__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Real-time chat backend for people and AI agents."""
 
 
 def _settings() -> Settings:
@@ -60,6 +82,7 @@ def serve(
     if problem:
         _fail(problem)
     limit = settings.ws_message_size_limit
+    typer.echo(_start_banner(settings, host, port or settings.service_port))
     uvicorn.run(
         create_app(settings),
         host=host,
@@ -70,6 +93,45 @@ def serve(
         ws_ping_timeout=settings.ws_connection_timeout,
         timeout_graceful_shutdown=5,
     )
+
+
+def _start_banner(settings: Settings, host: str, port: int) -> str:
+    """What a newcomer needs after `serve`: where it listens, where its state is, what next."""
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{shown_host}:{port}"
+    database = (
+        _safe_url(settings.database_url)
+        if settings.database_url
+        else f"SQLite {settings.data_dir / 'chat.db'}"
+    )
+    secret = (
+        "JWT_SECRET_KEY (from the environment)"
+        if settings.jwt_secret_key
+        else f"{settings.jwt_secret_file} (generated on first start, mode 0600)"
+    )
+    token_command = f"{_own_command()} token alice"
+    if "DATA_DIR" in os.environ or settings.data_dir != default_data_dir():
+        token_command = f"DATA_DIR={settings.data_dir} {token_command}"
+    return "\n".join(
+        (
+            f"chat-service {__version__} on {url}"
+            + (f" (listening on {host})" if shown_host != host else ""),
+            f"  data:     {settings.data_dir}",
+            f"  database: {database}",
+            f"  secret:   {secret}",
+            f"  token:    {token_command}   # a development JWT for user alice",
+            f'  try:      curl -H "Authorization: Bearer $TOKEN" {url}/api/chat/sessions',
+            f"  realtime: ws://{shown_host}:{port}/ws/<session_id>?token=$TOKEN",
+        )
+    )
+
+
+def _own_command() -> str:
+    """How to run this program again: its name when the shell finds it, else its path."""
+    invoked = Path(sys.argv[0])
+    if shutil.which(invoked.name) and Path(shutil.which(invoked.name) or "").samefile(invoked):
+        return invoked.name
+    return str(invoked.resolve()) if invoked.exists() else "chat-service"
 
 
 async def _database_problem(settings: Settings) -> str | None:
@@ -156,12 +218,12 @@ def token(
     name: Annotated[str | None, typer.Option(help="Display name claim.")] = None,
     role: Annotated[list[str] | None, typer.Option(help="Role claim (repeatable).")] = None,
 ) -> None:
-    """Print a development JWT signed with the configured secret."""
+    """Print a development JWT signed with the server's secret (JWT_SECRET_KEY or DATA_DIR)."""
     from chatservice.auth import TokenCodec
 
     settings = _settings()
     try:
-        secret = settings.resolve_jwt_secret()
+        secret = settings.existing_jwt_secret()
     except ConfigError as exc:
         _fail(str(exc))
     codec = TokenCodec(secret, settings.jwt_algorithm)

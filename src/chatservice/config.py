@@ -1,6 +1,7 @@
 """Settings: every knob of the service, read from the environment and `.env`.
 
-Names follow seed s0's environment list so an existing deployment's `.env` works as is.
+Names follow the environment variables of the A2G-compatible REST contract, so an existing
+deployment's `.env` works as is.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
+from platformdirs import user_data_path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# The sample secret printed in seed s0's README; refusing it outside DEBUG keeps a copied
-# example config from reaching production with a public signing key.
+# The sample secret printed in the A2G-compatible contract's setup guide; refusing it outside
+# DEBUG keeps a copied example config from reaching production with a public signing key.
 SAMPLE_JWT_SECRET = "local-dev-secret-key-change-in-production"
 SECRET_FILE_NAME = "jwt_secret"
 
@@ -31,8 +33,10 @@ class Settings(BaseSettings):
     debug: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
-    # Where the embedded defaults live: the SQLite file and the generated JWT secret.
-    data_dir: Path = Path("data")
+    # Where the embedded defaults live: the SQLite file, the generated JWT secret and local
+    # files. A per-user directory rather than the working directory, so that `serve` and
+    # `token` started from different directories find the same secret.
+    data_dir: Path = Field(default_factory=lambda: default_data_dir())
 
     database_url: str = ""
     database_pool_size: int = Field(20, ge=1)
@@ -57,7 +61,7 @@ class Settings(BaseSettings):
     rate_limit_enabled: bool = False
     rate_limit_messages_per_minute: int = Field(60, ge=1)
 
-    # Agents: the demo backend's pacing (seed s0), resumable buffers (seed s1: 2 h),
+    # Agents: the demo backend's pacing, how long answers stay resumable (2 h),
     # upstream limits, and defaults for OpenAI-compatible agents without their own.
     stream_chunk_size: int = Field(10, ge=1)
     stream_delay_ms: int = Field(50, ge=0)
@@ -73,7 +77,7 @@ class Settings(BaseSettings):
     # Largest JSON request body any REST endpoint accepts (uploads have MAX_FILE_SIZE).
     max_request_body: int = Field(1_048_576, ge=1024)
 
-    # Files (seed s0): local directory by default, S3/MinIO with FILE_STORAGE_TYPE=s3.
+    # Files: local directory by default, S3/MinIO with FILE_STORAGE_TYPE=s3.
     # S3 credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, …).
     file_storage_type: Literal["local", "s3"] = "local"
     file_storage_path: Path | None = None  # default: DATA_DIR/storage
@@ -95,7 +99,7 @@ class Settings(BaseSettings):
     # Images above this many pixels are refused before decoding (decompression bombs).
     max_image_pixels: int = Field(40_000_000, ge=1)
 
-    # Transcripts and archives (seed s3). Durations are seconds or "5m", "60h", "2d".
+    # Transcripts and archives of ended sessions. Durations are seconds or "5m", "60h", "2d".
     transcript_language: Literal["en", "ko"] = "en"
     transcript_timezone: str = "UTC"  # an IANA zone for the times a transcript shows
     archive_snapshot_interval: float = Field(300, gt=0)
@@ -136,7 +140,7 @@ class Settings(BaseSettings):
     @field_validator("cors_origins", "allowed_file_types", mode="before")
     @classmethod
     def _parse_list(cls, value: object) -> object:
-        # Seed s0 writes a JSON list; a comma-separated list is accepted too.
+        # The A2G-compatible REST contract writes a JSON list; comma-separated works too.
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
@@ -160,6 +164,26 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         return self.effective_database_url.startswith("sqlite")
 
+    @property
+    def jwt_secret_file(self) -> Path:
+        return self.data_dir / SECRET_FILE_NAME
+
+    def existing_jwt_secret(self) -> str:
+        """The secret the server signs with, never a new one: for minting tokens.
+
+        Inventing a secret here would mint tokens the server rejects ("Signature
+        verification failed") whenever the server runs with another data directory.
+        """
+        if self.jwt_secret_key:
+            return self.resolve_jwt_secret()
+        path = self.jwt_secret_file
+        if not path.exists():
+            raise ConfigError(
+                f"no signing secret in {self.data_dir} yet: start the server once with this "
+                "DATA_DIR (chat-service serve), or set JWT_SECRET_KEY to the server's secret"
+            )
+        return path.read_text().strip()
+
     def resolve_jwt_secret(self) -> str:
         """The signing secret: configured, or generated once and kept in the data directory."""
         if self.jwt_secret_key:
@@ -169,7 +193,7 @@ class Settings(BaseSettings):
                     "(or unset it to have one generated) or run with DEBUG=true."
                 )
             return self.jwt_secret_key
-        path = self.data_dir / SECRET_FILE_NAME
+        path = self.jwt_secret_file
         if path.exists():
             return path.read_text().strip()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +206,11 @@ class Settings(BaseSettings):
         with os.fdopen(fd, "w") as handle:
             handle.write(secret)
         return secret
+
+
+def default_data_dir() -> Path:
+    """The per-user data directory, e.g. `~/.local/share/chat-service` on Linux."""
+    return user_data_path("chat-service", appauthor=False)
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

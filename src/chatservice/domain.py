@@ -40,7 +40,8 @@ def as_utc(moment: datetime) -> datetime:
 
 
 def isoformat(moment: datetime | None) -> str | None:
-    """ISO 8601 with a `Z`, as the seed's examples write times; naive times are UTC."""
+    """ISO 8601 with a `Z`, as the A2G-compatible REST contract writes times; naive times are
+    UTC."""
     if moment is None:
         return None
     if moment.tzinfo is None:
@@ -67,7 +68,7 @@ WRITABLE_STATUSES = (SessionStatus.SCHEDULED.value, SessionStatus.ACTIVE.value)
 class ArchiveState(StrEnum):
     PENDING = "pending"  # ended; the transcript is not in the blob store yet
     DONE = "done"
-    EMPTY = "empty"  # ended without messages: nothing to archive (seed s3)
+    EMPTY = "empty"  # ended without messages: nothing to archive (as in the consultation chat)
 
 
 class Role(StrEnum):
@@ -183,7 +184,8 @@ class FileRecord:
         return f"/files/{self.file_id}/thumb" if self.thumbnail_key else None
 
     def info(self) -> JSON:
-        """`file_info` as seed s0's upload answer and a file message's metadata carry it."""
+        """`file_info` as the upload answer of the A2G-compatible REST contract and a file
+        message's metadata carry it."""
         return {
             "file_id": self.file_id,
             "name": self.file_name,

@@ -49,7 +49,8 @@ def decode(data: bytes | str) -> JSON:
 
 
 def message_payload(message: Message) -> JSON:
-    """A message as REST returns it (seed s0's shape plus seq and client_msg_id)."""
+    """A message as REST returns it (the A2G-compatible REST contract's shape plus seq and
+    client_msg_id)."""
     payload: JSON = {
         "message_id": message.message_id,
         "session_id": message.session_id,

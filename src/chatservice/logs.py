@@ -31,9 +31,23 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+class _AlembicPreamble(logging.Filter):
+    """Drops the two lines Alembic prints whenever it opens a migration context.
+
+    Every start opens one to apply migrations and another to check the schema revision, so
+    they would print twice on every start while saying nothing an operator can act on; the
+    "Running upgrade …" lines, which do, still show.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("Context impl ", "Will assume "))
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter())
+    logging.getLogger("alembic.runtime.migration").addFilter(_AlembicPreamble())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -150,7 +150,8 @@ async def read_answer(
 
 
 def assert_complete(answer: Answer, status: str = "completed") -> JSON:
-    """Start, chunks 0..n-1 without gap or repeat, and an end with the seed's fields."""
+    """Start, chunks 0..n-1 without gap or repeat, and an end with the fields of the
+    A2G-compatible REST contract."""
     assert answer.start is not None and answer.end is not None, answer
     assert answer.start["sender_type"] == "agent"
     assert answer.indexes == list(range(len(answer.chunks))), answer.indexes

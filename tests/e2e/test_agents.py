@@ -2,8 +2,9 @@
 (the SDK, raw `websockets`, `httpx` reading SSE) and the built-in demo agent.
 
 Covers: the demo agent out of the box, the agent registry, an answer reaching every
-device, seed s0's SSE send-and-stream, resume over SSE and over a WS reconnect, cancel
-over REST and over a WS frame from another device, and answers outliving their client.
+device, the SSE send-and-stream of the A2G-compatible REST contract, resume over SSE and
+over a WS reconnect, cancel over REST and over a WS frame from another device, and answers
+outliving their client.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ async def test_the_agent_registry_over_http(people: People) -> None:
         assert response.status_code == 422, (bad, response.text)
         assert "error" in response.json()
 
-    # A session with the new agent shows it as seed s0 does.
+    # A session with the new agent shows it as the A2G-compatible REST contract does.
     sid = (await user.client.create_session(agent_id=agent["id"]))["session_id"]
     detail = await user.client.get_session(sid)
     assert detail["agent"] == {
@@ -218,10 +219,10 @@ async def test_two_devices_of_one_user_both_receive_the_stream(
 # -- SSE ---------------------------------------------------------------------------------------
 
 
-SEED_SSE = re.compile(r"(data: \{[^\n]*\}\n\n)+")
+A2G_SSE = re.compile(r"(data: \{[^\n]*\}\n\n)+")
 
 
-async def test_send_and_stream_answers_sse_in_seed_s0s_shape(people: People) -> None:
+async def test_send_and_stream_answers_sse_in_the_a2g_shape(people: People) -> None:
     alice = people("alice")
     sid = await demo_session(alice)
     question = "긴 설명이 필요한 질문입니다."
@@ -233,7 +234,7 @@ async def test_send_and_stream_answers_sse_in_seed_s0s_shape(people: People) -> 
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
     body = response.text
-    assert SEED_SSE.fullmatch(body), body[:300]
+    assert A2G_SSE.fullmatch(body), body[:300]
     frames = [json.loads(line[len("data: ") :]) for line in body.split("\n") if line]
     kinds = [f["type"] for f in frames]
     assert kinds[0] == "stream_start" and kinds[-1] == "stream_end"

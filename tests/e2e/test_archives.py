@@ -466,9 +466,10 @@ async def test_snapshots_of_a_live_session(
     )
     newest = snapshots_on_disk(jobs_server, sid)[-1]
     assert newest >= max(seen)
-    assert "Content: message " + str(count - 1) in (
-        jobs_server.data_dir / "storage" / "temp" / newest
-    ).read_text()
+    assert (
+        "Content: message " + str(count - 1)
+        in (jobs_server.data_dir / "storage" / "temp" / newest).read_text()
+    )
     detail = await jobs_http.get(f"{API}/sessions/{sid}", headers=alice.headers)
     assert detail.json()["status"] == "active"  # busy sessions are not ended as idle
 
@@ -526,9 +527,7 @@ async def test_idle_sessions_are_ended_and_archived(
 
     await eventually(archive_ready, 5, "the idle session's archive")
     assert "From: 앨리스 (" in archived.text and "Content: anyone there?\n" in archived.text
-    await eventually(
-        lambda: snapshots_on_disk(jobs_server, talked) == [], 3, "snapshots removed"
-    )
+    await eventually(lambda: snapshots_on_disk(jobs_server, talked) == [], 3, "snapshots removed")
     refused = await jobs_http.post(
         f"{API}/sessions/{talked}/messages", headers=bob.headers, json={"content": "hello?"}
     )
@@ -657,15 +656,14 @@ async def test_the_whole_flow_on_s3(
         assert tail.status_code == 206 and tail.content == big[-7:]
         thumb = await http.get(photo["thumbnail_url"], headers=bob.headers)
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
-        assert thumb.content == (
-            await bucket_object(s3_endpoint, bucket, f"files/{sid}/{pid}.thumb.jpg")
-        )[0]
+        assert (
+            thumb.content
+            == (await bucket_object(s3_endpoint, bucket, f"files/{sid}/{pid}.thumb.jpg"))[0]
+        )
         assert b"Exif" not in thumb.content
 
         # Deleting the message removes its objects.
-        deleted = await http.delete(
-            f"{API}/messages/{dropped['message_id']}", headers=bob.headers
-        )
+        deleted = await http.delete(f"{API}/messages/{dropped['message_id']}", headers=bob.headers)
         assert deleted.status_code == 200
         assert not [k for k in await bucket_keys(s3_endpoint, bucket, "files/") if xid in k]
         assert_not_found(await http.get(dropped["file_url"], headers=bob.headers), "FILE_NOT_FOUND")
@@ -698,9 +696,10 @@ async def test_the_whole_flow_on_s3(
         assert content_type.startswith("text/plain")
         assert f"File: big.pdf (application/pdf, {len(big)} bytes) /files/{did}" in archived.text
         as_json = await http.get(f"{API}/sessions/{sid}/archive?format=json", headers=bob.headers)
-        assert as_json.content == (
-            await bucket_object(s3_endpoint, bucket, f"archive/chat_{sid}_final.json")
-        )[0]
+        assert (
+            as_json.content
+            == (await bucket_object(s3_endpoint, bucket, f"archive/chat_{sid}_final.json"))[0]
+        )
         assert blobs_under(server.data_dir / "storage") == set()
 
 

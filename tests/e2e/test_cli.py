@@ -89,23 +89,41 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
         assert command in done.stdout
 
 
+def test_version(tmp_path: Path) -> None:
+    from chatservice import __version__
+
+    done = run_cli("--version", env=user_env(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"chat-service {__version__}"
+
+
+def test_token_refuses_to_invent_a_secret(tmp_path: Path) -> None:
+    """A secret the server does not have would mint tokens it rejects: one line, no file."""
+    data_dir = tmp_path / "data"
+    done = run_cli("token", "alice", env=user_env(data_dir), cwd=tmp_path)
+    assert done.returncode == 2
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert str(data_dir) in lines[0] and "chat-service serve" in lines[0]
+    assert "Traceback" not in done.stderr
+    assert not (data_dir / "jwt_secret").exists()
+
+
 async def test_token_from_cli_is_accepted_by_a_server_on_the_same_data_dir(
     tmp_path: Path,
 ) -> None:
     data_dir = tmp_path / "data"
-    token = mint(data_dir, tmp_path, "alice")
-    secret_file = data_dir / "jwt_secret"
-    assert secret_file.exists()
-    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
-    secret = secret_file.read_text().strip()
-    assert len(secret) >= 32
-
-    # JWT_SECRET_KEY empty = not set: the server must use the generated secret.
+    # JWT_SECRET_KEY empty = not set: the server must generate and use its own secret.
     server = start_server(data_dir, JWT_SECRET_KEY="")
     try:
+        secret_file = data_dir / "jwt_secret"
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        secret = secret_file.read_text().strip()
+        assert len(secret) >= 32
+        token = mint(data_dir, tmp_path, "alice")
         assert await accepted(server.base_url, token) == 200
         assert await ws_authenticated(server.ws_url, token)
-        # A token minted after the server started works too, with its claims.
+        # Claims given on the command line reach the server.
         named = mint(data_dir, tmp_path, "bob", "--name", "Bob B")
         async with httpx.AsyncClient(base_url=server.base_url, headers=bearer(named)) as http:
             created = await http.post("/api/chat/sessions", json={"title": "mine"})
@@ -114,9 +132,12 @@ async def test_token_from_cli_is_accepted_by_a_server_on_the_same_data_dir(
             detail = await http.get(f"/api/chat/sessions/{created.json()['session_id']}")
             assert detail.json()["members"][0]["display_name"] == "Bob B"
         # The server did not fall back to any other secret.
-        assert await accepted(server.base_url, mint(tmp_path / "other", tmp_path, "alice")) == 401
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "jwt_secret").write_text("another-secret-of-at-least-thirty-two-bytes")
+        assert await accepted(server.base_url, mint(other, tmp_path, "alice")) == 401
         assert await accepted(server.base_url, TokenCodec(TEST_SECRET).issue("alice")) == 401
-        # The secret file was not rewritten by the server.
+        # Minting never rewrites the secret.
         assert secret_file.read_text().strip() == secret
         # `serve` created and migrated the embedded SQLite database in DATA_DIR.
         assert (data_dir / "chat.db").exists()
@@ -128,6 +149,61 @@ async def test_token_from_cli_is_accepted_by_a_server_on_the_same_data_dir(
         assert await accepted(server.base_url, short) == 401
     finally:
         server.stop()
+
+
+async def test_default_data_dir_is_shared_by_serve_and_token_from_any_directory(
+    tmp_path: Path,
+) -> None:
+    """No DATA_DIR: both commands use the per-user data directory, wherever they run."""
+    xdg = tmp_path / "xdg"
+    env = user_env(tmp_path, XDG_DATA_HOME=str(xdg), JWT_SECRET_KEY="")
+    del env["DATA_DIR"]
+    server_dir, other_dir = tmp_path / "server-cwd", tmp_path / "elsewhere"
+    server_dir.mkdir()
+    other_dir.mkdir()
+    process, base_url = _serve_until_ready(env, server_dir, tmp_path / "serve.out")
+    try:
+        data_dir = xdg / "chat-service"
+        assert (data_dir / "jwt_secret").exists() and (data_dir / "chat.db").exists()
+        assert not any(server_dir.iterdir()), "nothing is written to the working directory"
+        done = run_cli("token", "alice", env=env, cwd=other_dir)
+        assert done.returncode == 0, done.stderr
+        assert await accepted(base_url, done.stdout.strip()) == 200
+        # The start-up banner says where things are and what to do next.
+        printed = (tmp_path / "serve.out").read_text()
+        from chatservice import __version__
+
+        assert f"chat-service {__version__} on {base_url}" in printed
+        assert f"data:     {data_dir}" in printed
+        assert f"secret:   {data_dir / 'jwt_secret'}" in printed
+        assert "token alice" in printed
+        # Alembic's preamble is not printed (it used to appear twice per start).
+        assert "Context impl" not in printed and "Will assume" not in printed
+        assert "Running upgrade" in printed
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def _serve_until_ready(
+    env: dict[str, str], cwd: Path, output: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    with output.open("wb") as out:
+        process = subprocess.Popen(
+            [*CLI, "serve", "--port", str(port)], env=env, cwd=cwd, stdout=out, stderr=out
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, output.read_text()
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+                return process, base_url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"server did not become ready:\n{output.read_text()}")
 
 
 async def test_server_first_then_token(tmp_path: Path) -> None:

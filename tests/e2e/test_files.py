@@ -99,8 +99,11 @@ def pdf_bytes(filler: int = 0) -> bytes:
         b"2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\n"
     )
     pad = os.urandom(filler) if filler else b""
-    return body + b"3 0 obj<</Length %d>>stream\n" % len(pad) + pad + (
-        b"\nendstream endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
+    return (
+        body
+        + b"3 0 obj<</Length %d>>stream\n" % len(pad)
+        + pad
+        + (b"\nendstream endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n")
     )
 
 
@@ -202,7 +205,13 @@ async def test_upload_each_type_reaches_the_other_participant_and_downloads_byte
     alice_ws = await connected(server, sid, alice.token)
     try:
         response = await upload(
-            http, alice.headers, sid, name, data, declared, message="자료 보내요",
+            http,
+            alice.headers,
+            sid,
+            name,
+            data,
+            declared,
+            message="자료 보내요",
             client_msg_id="up-1",
         )
         body = assert_created(response)

@@ -84,17 +84,23 @@ def bomb_png(side: int = 20_000) -> bytes:
     compressor = zlib.compressobj(9)
     idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + (
-        png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", idat)
+        + (png_chunk(b"IEND", b""))
     )
 
 
 def lying_png(side: int = 60_000) -> bytes:
     """A PNG whose header claims side x side RGB pixels, with almost no data behind it."""
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(
-        b"IDAT", zlib.compress(b"\x00" * 1000)
-    ) + png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def png_header_then_junk() -> bytes:
@@ -304,35 +310,58 @@ async def test_malformed_multipart(
     cases: list[tuple[str, bytes, str, int, str]] = [
         ("two files", two_files, MULTIPART_TYPE, 400, "BAD_REQUEST"),
         ("no file part", multipart(field("message", "hi")), MULTIPART_TYPE, 422, "FILE_REQUIRED"),
-        ("file as a text field", multipart(field("file", "hello")), MULTIPART_TYPE, 422,
-         "FILE_REQUIRED"),
+        (
+            "file as a text field",
+            multipart(field("file", "hello")),
+            MULTIPART_TYPE,
+            422,
+            "FILE_REQUIRED",
+        ),
         ("file under another name", other_name, MULTIPART_TYPE, 422, "FILE_REQUIRED"),
         ("empty form", f"--{BOUNDARY}--\r\n".encode(), MULTIPART_TYPE, 422, "FILE_REQUIRED"),
         ("no boundary", two_files, "multipart/form-data", 400, "BAD_REQUEST"),
-        ("wrong boundary", two_files, "multipart/form-data; boundary=other", 400,
-         "BAD_REQUEST"),
+        ("wrong boundary", two_files, "multipart/form-data; boundary=other", 400, "BAD_REQUEST"),
         ("garbage", b"\x00\xff garbage \r\n--x", MULTIPART_TYPE, 400, "BAD_REQUEST"),
-        ("part without name",
-         multipart((b'filename="a.txt"', b"x", b"text/plain")), MULTIPART_TYPE, 400,
-         "BAD_REQUEST"),
-        ("caption over 16 KiB",
-         multipart(file_part(b"a.txt", b"x"), field("message", "m" * 17_000)),
-         MULTIPART_TYPE, 400, "BAD_REQUEST"),
-        ("caption over 4000 chars",
-         multipart(file_part(b"a.txt", b"x"), field("message", "m" * 4001)),
-         MULTIPART_TYPE, 413, "CONTENT_TOO_LARGE"),
-        ("too many fields",
-         multipart(file_part(b"a.txt", b"x"), *(field(f"f{i}", "v") for i in range(10))),
-         MULTIPART_TYPE, 400, "BAD_REQUEST"),
+        (
+            "part without name",
+            multipart((b'filename="a.txt"', b"x", b"text/plain")),
+            MULTIPART_TYPE,
+            400,
+            "BAD_REQUEST",
+        ),
+        (
+            "caption over 16 KiB",
+            multipart(file_part(b"a.txt", b"x"), field("message", "m" * 17_000)),
+            MULTIPART_TYPE,
+            400,
+            "BAD_REQUEST",
+        ),
+        (
+            "caption over 4000 chars",
+            multipart(file_part(b"a.txt", b"x"), field("message", "m" * 4001)),
+            MULTIPART_TYPE,
+            413,
+            "CONTENT_TOO_LARGE",
+        ),
+        (
+            "too many fields",
+            multipart(file_part(b"a.txt", b"x"), *(field(f"f{i}", "v") for i in range(10))),
+            MULTIPART_TYPE,
+            400,
+            "BAD_REQUEST",
+        ),
         # Refused after the blob was written (when sending the message): undone.
-        ("client_msg_id over 100 chars",
-         multipart(file_part(b"a.txt", b"x"), field("client_msg_id", "c" * 101)),
-         MULTIPART_TYPE, 422, "VALIDATION_ERROR"),
+        (
+            "client_msg_id over 100 chars",
+            multipart(file_part(b"a.txt", b"x"), field("client_msg_id", "c" * 101)),
+            MULTIPART_TYPE,
+            422,
+            "VALIDATION_ERROR",
+        ),
         ("raw bytes", png_bytes(), "application/octet-stream", 415, "EXPECTED_MULTIPART"),
         ("raw png", png_bytes(), "image/png", 415, "EXPECTED_MULTIPART"),
         ("json", b'{"file": "x"}', "application/json", 415, "EXPECTED_MULTIPART"),
-        ("urlencoded", b"file=x", "application/x-www-form-urlencoded", 415,
-         "EXPECTED_MULTIPART"),
+        ("urlencoded", b"file=x", "application/x-www-form-urlencoded", 415, "EXPECTED_MULTIPART"),
         ("no content type", b"file", "", 415, "EXPECTED_MULTIPART"),
     ]
     for label, content, content_type, status, code in cases:
@@ -456,15 +485,17 @@ async def test_ws_file_frame_for_someone_elses_upload_is_refused(
     room: tuple[User, User, str, ClientConnection],
 ) -> None:
     alice, bob, sid, bob_ws = room
-    body = (
-        await upload(http, alice.headers, sid, "draft.png", png_bytes(), attach="false")
-    ).json()
+    body = (await upload(http, alice.headers, sid, "draft.png", png_bytes(), attach="false")).json()
     file_id = body["file_id"]
     for frame, code in [
-        ({"type": "file", "file_id": file_id, "message": "mine now", "client_msg_id": "s-1"},
-         "FILE_NOT_ATTACHABLE"),
-        ({"type": "file", "file_id": "file_doesnotexist", "client_msg_id": "s-2"},
-         "FILE_NOT_FOUND"),
+        (
+            {"type": "file", "file_id": file_id, "message": "mine now", "client_msg_id": "s-1"},
+            "FILE_NOT_ATTACHABLE",
+        ),
+        (
+            {"type": "file", "file_id": "file_doesnotexist", "client_msg_id": "s-2"},
+            "FILE_NOT_FOUND",
+        ),
         ({"type": "file", "client_msg_id": "s-3"}, "VALIDATION_ERROR"),
         ({"type": "file", "file_id": 42, "client_msg_id": "s-4"}, "VALIDATION_ERROR"),
         ({"type": "file", "file_id": "x" * 101, "client_msg_id": "s-5"}, "VALIDATION_ERROR"),
@@ -503,9 +534,7 @@ async def test_ws_file_frame_for_someone_elses_upload_is_refused(
 
 
 @pytest.fixture
-async def target(
-    http: httpx.AsyncClient, users: Users
-) -> tuple[User, User, str, JSON, JSON]:
+async def target(http: httpx.AsyncClient, users: Users) -> tuple[User, User, str, JSON, JSON]:
     """alice and bob's session with a sent photo and an unsent draft of alice's."""
     alice, bob, sid = await new_room(users, "private")
     photo = (await upload(http, alice.headers, sid, "private.png", png_bytes())).json()
@@ -623,17 +652,16 @@ async def test_unknown_deleted_and_ended_sessions(
     ended = await http.post(f"{API}/sessions/{sid}/end", headers=alice.headers)
     assert ended.status_code == 200, ended.text
     before = session_blobs(server, sid)
-    assert_error(
-        await upload(http, alice.headers, sid, "late.txt", b"late"), 409, "SESSION_CLOSED"
-    )
+    assert_error(await upload(http, alice.headers, sid, "late.txt", b"late"), 409, "SESSION_CLOSED")
     mid = photo["message_id"]
     assert_error(
         await http.patch(f"{API}/messages/{mid}", headers=alice.headers, json={"content": "x"}),
         409,
         "SESSION_CLOSED",
     )
-    assert_error(await http.delete(f"{API}/messages/{mid}", headers=alice.headers), 409,
-                 "SESSION_CLOSED")
+    assert_error(
+        await http.delete(f"{API}/messages/{mid}", headers=alice.headers), 409, "SESSION_CLOSED"
+    )
     ws = await connected(server, sid, alice.token)
     try:
         await ws.send(json.dumps({"type": "file", "file_id": draft["file_id"]}))

@@ -78,7 +78,7 @@ async def test_sender_gets_its_own_message_with_client_msg_id(
                     "content": "안녕하세요 👋",
                     "client_msg_id": "cid-1",
                     "metadata": {"device": "desktop"},
-                    "timestamp": "2025-10-29T10:30:00Z",  # seed clients send this; ignored
+                    "timestamp": "2025-10-29T10:30:00Z",  # A2G-compatible clients send it; ignored
                 }
             )
         )

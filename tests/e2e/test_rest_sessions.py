@@ -1,4 +1,5 @@
-"""Sessions over REST, as seed s0 shapes them: create, list, detail, delete, end, health."""
+"""Sessions over REST, shaped as the A2G-compatible REST contract has them: create, list,
+detail, delete, end, health."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ async def test_healthz_and_readyz_need_no_auth(http: httpx.AsyncClient) -> None:
     assert body["checks"]["database"] == "ok"
 
 
-async def test_create_group_session_201_with_seed_fields(
+async def test_create_group_session_201_with_a2g_fields(
     http: httpx.AsyncClient, users: Users
 ) -> None:
     alice, bob = users("alice"), users("bob")
@@ -194,7 +195,7 @@ async def test_detail_shape(users: Users) -> None:
     assert sorted(group_detail["participants"]) == sorted([alice.id, bob.id])
 
 
-async def test_delete_answers_seed_body_then_session_is_gone(
+async def test_delete_answers_a2g_body_then_session_is_gone(
     server: ServerProcess, http: httpx.AsyncClient, users: Users
 ) -> None:
     alice, bob = users("alice"), users("bob")

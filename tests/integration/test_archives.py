@@ -1,4 +1,4 @@
-"""Archives: transcripts (seed s3's `formatChatLog` layout, en/ko, JSON), the final archive
+"""Archives: transcripts (the consultation transcript layout, en/ko, JSON), the final archive
 written when a session ends, snapshots, idle sessions and pending archives, on the real
 services and stores of each database; once more end to end against an S3 server (moto)."""
 
@@ -275,7 +275,7 @@ async def test_empty_session_transcript(parts: Components) -> None:
     assert (body["message_count"], body["messages"], body["files"]) == (0, [], [])
 
 
-async def test_korean_labels_are_seed_s3s(parts: Components) -> None:
+async def test_korean_labels_are_the_consultation_chats(parts: Components) -> None:
     chat = await Conversation().build(parts)
     korean = second_service(parts, language="ko")
     text = (await korean.transcript(chat.alice, chat.session_id, "text")).body.decode()

@@ -1,4 +1,4 @@
-"""Concurrent writers: seq stays gap-free and strictly increasing (issue 2, point 4).
+"""Concurrent writers: seq stays gap-free and strictly increasing.
 
 Every test runs on SQLite and on PostgreSQL; the last one also proves it across two
 independently pooled service instances sharing one PostgreSQL database.
@@ -125,7 +125,7 @@ async def test_message_times_follow_seq_order_under_concurrent_writers(
     """Time cursors page by `created_at` and pages are in seq order: the two must agree.
 
     If a later seq can carry an earlier time, walking history with `before=<time>` skips
-    messages (SPEC §9 accepts a time wherever it accepts a seq).
+    messages (the paging API accepts a time wherever it accepts a seq).
     """
     senders = users(SENDERS, "clock")
     sid = await group(parts, senders[0], *senders[1:])

@@ -1,4 +1,4 @@
-"""Message history pages (SPEC §9 "Paging"): seq and time cursors, direction, has_more."""
+"""Message history paging: seq and time cursors, direction, has_more."""
 
 from __future__ import annotations
 

@@ -257,9 +257,10 @@ async def test_redis_a_crashed_instances_users_are_swept_by_another(
 async def test_redis_heartbeats_restore_presence_after_redis_restarts_empty(
     tmp_path: Path,
 ) -> None:
-    """Redis is killed and started again without its data (as the issue's failure drill
-    does) while clients stay connected: the next heartbeats must make them present again,
-    or `online` shows nobody and their later leave announces nothing."""
+    """Redis is killed and started again without its data (as the end-to-end failure tests
+    in `tests/e2e/test_failures.py` do) while clients stay connected: the next heartbeats
+    must make them present again, or `online` shows nobody and their later leave announces
+    nothing."""
     redis = start_redis(tmp_path / "redis")
     world = PresenceWorld("redis", 2.0, redis.url)  # long enough not to expire here
     try:

@@ -185,7 +185,7 @@ async def test_concurrent_creates_of_one_direct_pair_make_one_session(
 async def test_direct_pair_can_talk_again_after_their_session_was_deleted(
     parts: Components,
 ) -> None:
-    """SPEC §9: a deleted session leaves every list; asking for the pair again must work."""
+    """A deleted session leaves every list; asking for the pair again must work."""
     alice, bob = users(2)
     first, _ = await parts.sessions.create(
         alice, NewSession(kind="direct", participants=[bob.user_id])

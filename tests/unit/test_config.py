@@ -53,7 +53,7 @@ def test_the_sample_secret_is_refused_outside_debug(tmp_path: Path) -> None:
     assert allowed.resolve_jwt_secret() == SAMPLE_JWT_SECRET
 
 
-def test_seed_style_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a2g_style_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SERVICE_PORT", "9000")
     monkeypatch.setenv("LOG_LEVEL", "debug")
     monkeypatch.setenv("CORS_ORIGINS", '["http://localhost:9060", "http://localhost:9050"]')

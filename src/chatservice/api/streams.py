@@ -79,7 +79,8 @@ def _sse(frames: AsyncIterator[JSON]) -> EventSourceResponse:
         async for frame in frames:
             yield {"data": orjson.dumps(frame).decode()}
 
-    # Seed s0's layout: `data: {...}` lines separated by a blank line.
+    # The A2G-compatible REST contract's SSE layout: `data: {...}` lines separated by a
+    # blank line.
     return EventSourceResponse(encoded(), sep="\n", ping=15)
 
 

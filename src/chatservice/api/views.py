@@ -1,4 +1,5 @@
-"""Domain objects rendered as the JSON bodies of seed s0 (plus the spec's fields)."""
+"""Domain objects rendered as the JSON bodies of the A2G-compatible REST contract, plus the
+fields this service adds."""
 
 from __future__ import annotations
 

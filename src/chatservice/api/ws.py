@@ -1,4 +1,5 @@
-"""`/ws/{session_id}`: the native WebSocket protocol (seed s0's frames plus the spec's).
+"""`/ws/{session_id}`: the native WebSocket protocol (the frames of the A2G-compatible REST
+contract, plus this service's own).
 
 This module only parses, authenticates and maps errors; what a frame does is decided by
 the services, and how events reach this socket by the hub (`realtime/`).

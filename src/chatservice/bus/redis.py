@@ -64,7 +64,7 @@ class RedisBus:
         # (redis-py can, while it is connecting); never wait on the reader unboundedly.
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._pubsub.aclose()
         if self._reader is not None:
             await asyncio.wait({self._reader}, timeout=CLOSE_TIMEOUT)
         self._handlers.clear()
@@ -199,7 +199,7 @@ class RedisBus:
         self._pubsub = self.redis.pubsub()
         if old is not None:
             with contextlib.suppress(Exception):
-                await old.aclose()  # type: ignore[no-untyped-call]
+                await old.aclose()
 
     async def _notify_reconnected(self, pending: list[asyncio.Future[None]]) -> None:
         # Catching up before the subscriptions are live could miss what is published

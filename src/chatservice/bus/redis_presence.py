@@ -1,4 +1,5 @@
-"""Presence in Redis, shared by every instance (keys of seed s0).
+"""Presence in Redis, shared by every instance (the key names of the A2G-compatible REST
+contract).
 
 `ws:sessions:{session_id}`  sorted set: member "user_id\\nconn_id", score = expiry (ms);
                             the key itself lives twice as long, so the sweeper still

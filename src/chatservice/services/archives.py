@@ -1,10 +1,12 @@
 """Archives: transcripts on demand, the final archive when a session ends, periodic
-snapshots of live sessions, and ending sessions left idle (seed s3's schedulers).
+snapshots of live sessions, and ending sessions left idle (the consultation chat's
+schedulers).
 
-Blob layout (seed s3's bucket): `archive/chat_{session}_final.txt` (+ `.json`) and
-`temp/chat_{session}_snapshot_{yyyyMMddHHmmss}.txt`. Ending marks the session's archive
-`pending` in the same UPDATE that ends it; writing the archive settles it to `done` (or
-`empty`), so a blob store outage only delays the archive: the retry job finishes it.
+Blob layout (the consultation chat's bucket layout): `archive/chat_{session}_final.txt`
+(+ `.json`) and `temp/chat_{session}_snapshot_{yyyyMMddHHmmss}.txt`. Ending marks the
+session's archive `pending` in the same UPDATE that ends it; writing the archive settles it
+to `done` (or `empty`), so a blob store outage only delays the archive: the retry job
+finishes it.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ class ArchiveService:
         now = utcnow()
         context, messages = await self._gather(session, now)
         if not messages:
-            # Seed s3: an empty consultation is not archived.
+            # As in the consultation chat, a session without messages is not archived.
             await self.store.record_archive(
                 session_id, ArchiveState.EMPTY, text_key=None, json_key=None, now=now
             )
@@ -149,7 +151,8 @@ class ArchiveService:
         await self.store.record_archive(
             session_id, ArchiveState.DONE, text_key=text_key, json_key=json_key, now=now
         )
-        # The final archive supersedes the snapshots (seed s3's clearTempSnapshots).
+        # The final archive supersedes the snapshots (as the consultation chat's
+        # clearTempSnapshots does).
         await self.blobs.delete_prefix(snapshot_prefix(session_id))
         return ArchiveState.DONE
 

@@ -1,9 +1,11 @@
-"""Transcripts: a session's history as seed s3's text log (`formatChatLog`) and as JSON.
+"""Transcripts: a session's history as text, in the consultation transcript layout
+(`formatChatLog` of the consultation chat), and as JSON.
 
 Pure formatting: the archive service gathers the session, its messages and files and
-hands them here. The text layout is seed s3's: a banner, the session, the generation
-time and the message count, then one block per message (time, sender name and id,
-content) between separators, and a closing banner; an empty session is one line.
+hands them here. The text layout is the consultation transcript layout: a banner, the
+session, the generation time and the message count, then one block per message (time,
+sender name and id, content) between separators, and a closing banner; an empty session
+is one line.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class Labels:
     empty: str
 
 
-# `ko` is seed s3's wording, word for word; `en` the same layout in English.
+# `ko` is the consultation chat's Korean wording, word for word; `en` the same layout in
+# English.
 LABELS: Mapping[str, Labels] = {
     "en": Labels(
         title="Chat transcript",

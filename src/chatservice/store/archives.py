@@ -86,7 +86,8 @@ class ArchiveStore:
             )
 
     async def idle(self, quiet_since: datetime, limit: int) -> list[str]:
-        """Live sessions with no activity since `quiet_since` (seed s3's abandoned rooms).
+        """Live sessions with no activity since `quiet_since` (the consultation chat's
+        abandoned rooms).
 
         A scheduled session is idle only once its scheduled time is that far past too.
         """

@@ -177,7 +177,13 @@ class MessageStore:
     async def page(
         self, session_id: str, *, before: Cursor | None, after: Cursor | None, limit: int
     ) -> MessagePage:
-        """A page in ascending seq order; see SPEC §9 "Paging" for the rules."""
+        """A page in ascending seq order.
+
+        A cursor is a seq or a time. No cursor: the newest `limit` messages; `before`: the
+        newest `limit` before it; `after`: the first `limit` after it; both: the first
+        `limit` between them. `has_more` says whether more messages lie beyond the page in
+        the direction of travel (older without `after`, newer with it).
+        """
         m = chat_messages
         conditions: list[Any] = [m.c.session_id == session_id, _VISIBLE]
         for cursor, newer in ((after, True), (before, False)):

@@ -1,4 +1,5 @@
-"""The schema as SQLAlchemy Core tables: seed s0's columns, checks and indexes, plus ours.
+"""The schema as SQLAlchemy Core tables: the columns, checks and indexes of the A2G-compatible
+REST contract, plus this service's own.
 
 Alembic migrations in `migrations/versions` are the authority on the database; these
 definitions mirror the newest migration so queries can be written against them.

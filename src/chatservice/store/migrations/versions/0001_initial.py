@@ -138,8 +138,8 @@ def upgrade() -> None:
     op.create_index("idx_chat_files_uploaded_by", "chat_files", ["uploaded_by"])
     op.create_index("idx_chat_files_session_id", "chat_files", ["session_id"])
 
-    # The built-in demo agent, so `agent_id: 1` of seed s0's examples names a real agent
-    # on a fresh install.
+    # The built-in demo agent, so the `agent_id: 1` of the A2G-compatible REST contract's
+    # examples names a real agent on a fresh install.
     agents = sa.table(
         "agents",
         sa.column("id", sa.Integer),

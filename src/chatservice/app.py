@@ -19,12 +19,14 @@ from chatservice import __version__
 from chatservice.agents.base import AgentBackend
 from chatservice.agents.demo import DemoAgent
 from chatservice.agents.openai import OpenAIAgent
+from chatservice.agents.policy import UpstreamPolicy
 from chatservice.api import agents as agents_api
 from chatservice.api import archives as archives_api
 from chatservice.api import errors, health, messages, sessions, ws
 from chatservice.api import files as files_api
 from chatservice.api import streams as streams_api
 from chatservice.api.limits import BodyLimitMiddleware, RouteLimit
+from chatservice.api.safety import ResponseSafety
 from chatservice.auth import TokenCodec
 from chatservice.blobs.base import BlobStore
 from chatservice.blobs.local import LocalBlobStore
@@ -109,6 +111,11 @@ def build_components(settings: Settings) -> Components:
         rate_limiter=limiter,
     )
     agent_store = AgentStore(database)
+    upstreams = UpstreamPolicy(
+        default_base_url=settings.openai_base_url,
+        allowed_base_urls=settings.agent_allowed_base_urls,
+        allowed_key_envs=settings.agent_api_key_env_allowed,
+    )
     backends: dict[str, AgentBackend] = {
         "demo": DemoAgent(settings.stream_chunk_size, settings.stream_delay_ms),
         "openai": OpenAIAgent(
@@ -117,6 +124,7 @@ def build_components(settings: Settings) -> Components:
             default_model=settings.openai_model,
             stall_timeout=settings.agent_stall_timeout,
             total_timeout=settings.agent_timeout,
+            policy=upstreams,
         ),
     }
     stream_service = StreamService(
@@ -173,7 +181,7 @@ def build_components(settings: Settings) -> Components:
         sessions=session_service,
         messages=message_service,
         typing=TypingService(bus),
-        agents=AgentService(agent_store),
+        agents=AgentService(agent_store, upstreams),
         streams=stream_service,
         hub=Hub(
             bus,
@@ -288,6 +296,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    # Outermost of ours (inside Starlette's own error middleware): every answer gets its
+    # headers, and every exception the layers below let through becomes a 500 here.
+    app.add_middleware(ResponseSafety)
     for module in (
         health,
         sessions,

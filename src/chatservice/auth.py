@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import jwt
 
 from chatservice.domain import Principal
+from chatservice.values import UnacceptableValue, check_text
 
 MAX_USER_ID_LENGTH = 100
 
@@ -48,17 +50,68 @@ class TokenCodec:
                 algorithms=[self._algorithm],
                 options={"require": ["sub", "exp"]},
             )
+        # Our own words, not the library's: its messages name its internals.
         except jwt.ExpiredSignatureError as exc:
             raise AuthError("token expired") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise AuthError("token not valid yet") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(f"invalid token: no {exc.claim} claim") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise AuthError("invalid token: bad signature") from exc
         except jwt.InvalidTokenError as exc:
-            raise AuthError(f"invalid token: {exc}") from exc
+            raise AuthError("invalid token") from exc
+        for claim in ("exp", "nbf", "iat"):
+            value = claims.get(claim)
+            # PyJWT takes "123" as a time; a claim of the wrong type is a forged or broken
+            # token, not a time.
+            if claim in claims and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise AuthError(f"invalid token: {claim} must be a number")
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject or len(subject) > MAX_USER_ID_LENGTH:
-            raise AuthError("invalid token: sub must be a user id of 1-100 characters")
+        if not _sane_user_id(subject):
+            raise AuthError(
+                f"invalid token: sub must be a user id of 1-{MAX_USER_ID_LENGTH} printable "
+                "characters"
+            )
         name = claims.get("name")
         roles = claims.get("roles")
         return Principal(
-            user_id=subject,
-            name=name[:200] if isinstance(name, str) and name else None,
-            roles=tuple(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else (),
+            user_id=str(subject),
+            name=_display_name(name),
+            roles=tuple(r for r in roles if _printable(r)) if isinstance(roles, list) else (),
+            expires_at=float(claims["exp"]),
         )
+
+
+def _printable(value: object) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        check_text(value, "")
+    except UnacceptableValue:
+        return False
+    return value.isprintable()
+
+
+def _sane_user_id(value: object) -> bool:
+    return (
+        _printable(value)
+        and isinstance(value, str)
+        and len(value) <= MAX_USER_ID_LENGTH
+        and value.strip() == value
+    )
+
+
+def _display_name(value: object) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    cleaned = "".join(ch for ch in value[:200] if ch.isprintable())
+    try:
+        check_text(cleaned, "")
+    except UnacceptableValue:
+        return None
+    return cleaned or None

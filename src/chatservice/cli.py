@@ -57,12 +57,14 @@ def serve(
     """Run the service. On the embedded SQLite database, pending migrations run first."""
     import uvicorn
 
+    from chatservice.api.header_limit import bounded_http_protocol
     from chatservice.app import create_app
     from chatservice.logs import configure_logging
     from chatservice.store import migrate
 
     settings = _settings()
     configure_logging(settings.log_level)
+    _private_files()
     try:
         settings.resolve_jwt_secret()
     except ConfigError as exc:
@@ -87,12 +89,20 @@ def serve(
         create_app(settings),
         host=host,
         port=port or settings.service_port,
+        http=bounded_http_protocol(settings.max_request_header_bytes),
         log_config=None,
         ws_max_size=max(4 * limit, 1_048_576),
         ws_ping_interval=settings.ws_heartbeat_interval,
         ws_ping_timeout=settings.ws_connection_timeout,
         timeout_graceful_shutdown=5,
     )
+
+
+def _private_files() -> None:
+    """Everything the service creates (the SQLite database and its -wal/-shm files, the
+    secret, local files and thumbnails, the data directory itself) is readable by its own
+    user only: messages are nobody else's business on a shared machine."""
+    os.umask(0o077)
 
 
 def _start_banner(settings: Settings, host: str, port: int) -> str:
@@ -202,6 +212,7 @@ def migrate_command() -> None:
     from chatservice.store import migrate
 
     settings = _settings()
+    _private_files()
     if settings.is_sqlite:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     ws_message_size_limit: int = Field(65536, ge=64)
     # Frames a connection may have waiting to be written before it counts as too slow.
     ws_send_queue_size: int = Field(1024, ge=1)
+    # Seconds one frame may take to reach the socket before the client counts as too slow.
+    ws_write_timeout: float = Field(15, gt=0)
+    # Largest request line + headers (the WebSocket handshake's too); 431 above.
+    max_request_header_bytes: int = Field(32_768, ge=4096)
 
     # Scale-out: with REDIS_URL set, pub/sub, presence and rate limits go through Redis
     # and several instances can serve one conversation.
@@ -73,6 +77,11 @@ class Settings(BaseSettings):
     openai_base_url: str = "https://api.openai.com/v1"
     openai_api_key: str = ""
     openai_model: str = "gpt-4o-mini"
+    # What agent settings may point at (see agents/policy.py): URL prefixes beyond
+    # OPENAI_BASE_URL ("*" = any public address), and the environment variables that
+    # `api_key_env` may name. Both empty by default.
+    agent_allowed_base_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    agent_api_key_env_allowed: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Largest JSON request body any REST endpoint accepts (uploads have MAX_FILE_SIZE).
     max_request_body: int = Field(1_048_576, ge=1024)
@@ -137,7 +146,13 @@ class Settings(BaseSettings):
             return parse_duration(value)
         return value
 
-    @field_validator("cors_origins", "allowed_file_types", mode="before")
+    @field_validator(
+        "cors_origins",
+        "allowed_file_types",
+        "agent_allowed_base_urls",
+        "agent_api_key_env_allowed",
+        mode="before",
+    )
     @classmethod
     def _parse_list(cls, value: object) -> object:
         # The A2G-compatible REST contract writes a JSON list; comma-separated works too.
@@ -148,6 +163,14 @@ class Settings(BaseSettings):
 
                 return orjson.loads(text)
             return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("agent_allowed_base_urls")
+    @classmethod
+    def _check_base_urls(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry != "*" and not entry.startswith(("http://", "https://")):
+                raise ValueError(f"{entry!r} is neither * nor an http(s):// URL prefix")
         return value
 
     @property

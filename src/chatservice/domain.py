@@ -96,6 +96,8 @@ class Principal:
     user_id: str
     name: str | None = None
     roles: tuple[str, ...] = ()
+    # The token's `exp` (Unix time): long-lived connections end when their token does.
+    expires_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -240,8 +242,12 @@ class Cursor:
     @classmethod
     def parse(cls, raw: str) -> Cursor:
         text = raw.strip()
-        if text.isdigit():
-            return cls(seq=int(text))
+        if text.isascii() and text.isdigit():
+            seq = int(text)
+            if seq > 2**63 - 1:
+                raise ValueError("seq is outside the signed 64-bit range")
+            # seq columns are 32-bit; any larger cursor lies past every message.
+            return cls(seq=min(seq, 2**31 - 1))
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "+"))
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)

@@ -20,6 +20,7 @@ from chatservice.agents.base import AgentRequest, Delta, Turn, Usage
 from chatservice.agents.context import DEFAULT_SYSTEM_PROMPT
 from chatservice.agents.demo import DemoAgent, demo_answer
 from chatservice.agents.openai import OpenAIAgent
+from chatservice.agents.policy import UpstreamPolicy
 from chatservice.components import Components
 from chatservice.domain import Agent, NewSession, Principal
 from chatservice.services.agents import public_settings
@@ -46,16 +47,22 @@ def fake_openai() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture
-async def live(parts: Components) -> AsyncIterator[Components]:
+async def live(parts: Components, fake_openai: FakeOpenAI) -> AsyncIterator[Components]:
     """`parts` with the answer service running: demo at 10 chars / 20 ms, and the openai
-    backend with a 1 s stall timeout (the real class, talking HTTP through the SDK)."""
+    backend with a 1 s stall timeout (the real class, talking HTTP through the SDK), allowed
+    to call the fake upstream."""
     parts.streams.backends["demo"] = DemoAgent(CHUNK, DELAY_MS)
+    policy = UpstreamPolicy(
+        default_base_url="http://127.0.0.1:9/v1", allowed_base_urls=[fake_openai.base_url]
+    )
+    parts.agents.policy = policy
     upstream = OpenAIAgent(
         default_base_url="http://127.0.0.1:9/v1",
         default_api_key="",
         default_model="unused-default",
         stall_timeout=1.0,
         total_timeout=20.0,
+        policy=policy,
     )
     parts.streams.backends["openai"] = upstream
     await parts.streams.start()
@@ -130,6 +137,9 @@ async def stored_rows(parts: Components, session_id: str) -> int:
 
 
 async def openai_agent(parts: Components, fake: FakeOpenAI, **settings: Any) -> Agent:
+    parts.agents.policy = UpstreamPolicy(
+        default_base_url="http://127.0.0.1:9/v1", allowed_base_urls=[fake.base_url]
+    )
     return await parts.agents.create(
         ADMIN,
         name="Fake GPT",

@@ -2,7 +2,9 @@
 
 Per-agent settings (the `agents.settings` column): `model`, `base_url`, `api_key`
 (or `api_key_env`, the name of an environment variable), `system_prompt`,
-`temperature`, `max_tokens`. Missing ones fall back to OPENAI_* settings.
+`temperature`, `max_tokens`. Missing ones fall back to OPENAI_* settings; the default key
+only ever goes to the default upstream. Every call first passes the operator's
+`UpstreamPolicy` (which upstreams, which key variables).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from openai import AsyncOpenAI, omit
 from openai.types.chat import ChatCompletionMessageParam
 
 from chatservice.agents.base import AgentEvent, AgentFailure, AgentRequest, Delta, Usage
+from chatservice.agents.policy import UpstreamPolicy, UpstreamRefused
 
 
 class OpenAIAgent:
@@ -29,7 +32,9 @@ class OpenAIAgent:
         default_model: str,
         stall_timeout: float,
         total_timeout: float,
+        policy: UpstreamPolicy | None = None,
     ) -> None:
+        self.policy = policy or UpstreamPolicy(default_base_url=default_base_url)
         self.default_base_url = default_base_url
         self.default_api_key = default_api_key
         self.default_model = default_model
@@ -40,10 +45,11 @@ class OpenAIAgent:
     def _client(self, settings: dict[str, Any]) -> AsyncOpenAI:
         base_url = str(settings.get("base_url") or self.default_base_url)
         key_env = settings.get("api_key_env")
+        default_key = self.default_api_key if self.policy.may_send_default_key(base_url) else ""
         api_key = str(
             settings.get("api_key")
             or (os.environ.get(str(key_env), "") if key_env else "")
-            or self.default_api_key
+            or default_key
             or "not-needed"  # local servers often take any key; the SDK insists on one
         )
         cache_key = (base_url, api_key)
@@ -64,6 +70,10 @@ class OpenAIAgent:
             "list[ChatCompletionMessageParam]",
             [{"role": t.role, "content": t.content} for t in request.turns],
         )
+        try:
+            await self.policy.check_reachable(settings)
+        except UpstreamRefused as exc:
+            raise AgentFailure(f"agent settings refused: {exc}") from None
         try:
             upstream = await asyncio.wait_for(
                 self._client(settings).chat.completions.create(

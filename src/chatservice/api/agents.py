@@ -9,11 +9,12 @@ from pydantic import Field, StrictStr
 
 from chatservice.api.deps import Caller, Parts
 from chatservice.api.responses import JSONBody
+from chatservice.api.routing import CheckedRoute
 from chatservice.api.schemas import _Body
 from chatservice.domain import JSON, Agent, isoformat
 from chatservice.services.agents import public_settings
 
-router = APIRouter(prefix="/api/chat", tags=["agents"])
+router = APIRouter(prefix="/api/chat", tags=["agents"], route_class=CheckedRoute)
 
 
 class CreateAgent(_Body):

@@ -8,11 +8,12 @@ from fastapi import APIRouter, Query
 from starlette.responses import Response
 
 from chatservice.api.deps import Caller, Parts
+from chatservice.api.routing import CheckedRoute
 from chatservice.api.sessions import SessionId
 from chatservice.media.names import content_disposition
 from chatservice.services.archives import Document
 
-router = APIRouter(prefix="/api/chat", tags=["archives"])
+router = APIRouter(prefix="/api/chat", tags=["archives"], route_class=CheckedRoute)
 
 Format = Annotated[Literal["text", "json"], Query()]
 

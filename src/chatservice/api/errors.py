@@ -69,8 +69,3 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONBody:
         code = _HTTP_CODES.get(exc.status_code, "ERROR")
         return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONBody:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "INTERNAL", "internal error")

@@ -17,13 +17,15 @@ from starlette.responses import Response, StreamingResponse
 from chatservice.api.deps import Caller, Parts
 from chatservice.api.errors import error_response
 from chatservice.api.responses import JSONBody
+from chatservice.api.routing import CheckedRoute
 from chatservice.api.sessions import SessionId
 from chatservice.domain import isoformat
 from chatservice.media.names import content_disposition
 from chatservice.services.errors import InvalidInput, UnsupportedMediaType
 from chatservice.services.files import Download, Upload
+from chatservice.values import UnacceptableValue, check_text
 
-router = APIRouter(tags=["files"])
+router = APIRouter(tags=["files"], route_class=CheckedRoute)
 
 FileId = Annotated[str, Path(min_length=1, max_length=100)]
 # Room for the multipart framing and the small fields beside the file itself.
@@ -110,6 +112,10 @@ def _text_field(value: object, name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise InvalidInput(f"`{name}` must be a text field", code="VALIDATION_ERROR")
+    try:
+        check_text(value, name)
+    except UnacceptableValue as exc:
+        raise InvalidInput(str(exc), code="VALIDATION_ERROR") from None
     return value
 
 

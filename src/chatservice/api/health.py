@@ -8,8 +8,9 @@ from fastapi import APIRouter
 
 from chatservice.api.deps import Parts
 from chatservice.api.responses import JSONBody
+from chatservice.api.routing import CheckedRoute
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=CheckedRoute)
 
 CHECK_TIMEOUT = 2.0
 

@@ -8,13 +8,14 @@ from fastapi import APIRouter, Path, Query
 
 from chatservice.api.deps import Caller, Parts
 from chatservice.api.responses import JSONBody
+from chatservice.api.routing import CheckedRoute
 from chatservice.api.schemas import EditMessage, SendMessage
 from chatservice.api.sessions import SessionId
 from chatservice.domain import isoformat
 from chatservice.events import message_payload
 from chatservice.services.messages import Draft
 
-router = APIRouter(prefix="/api/chat", tags=["messages"])
+router = APIRouter(prefix="/api/chat", tags=["messages"], route_class=CheckedRoute)
 
 MessageId = Annotated[str, Path(min_length=1, max_length=100)]
 

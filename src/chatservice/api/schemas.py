@@ -7,13 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from chatservice.values import MAX_ROW_INT
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
 class CreateSession(_Body):
-    agent_id: StrictInt | None = None
+    agent_id: StrictInt | None = Field(None, ge=1, le=MAX_ROW_INT)
     title: StrictStr | None = Field(None, max_length=200)
     metadata: dict[str, Any] | None = None
     kind: Literal["agent", "direct", "group"] | None = None

@@ -9,10 +9,12 @@ from fastapi import APIRouter, Path, Query
 from chatservice.api import views
 from chatservice.api.deps import Caller, Parts
 from chatservice.api.responses import JSONBody
+from chatservice.api.routing import CheckedRoute
 from chatservice.api.schemas import AddParticipants, CreateSession, MarkRead
 from chatservice.domain import NewSession
+from chatservice.values import MAX_INT, MAX_ROW_INT, MIN_INT
 
-router = APIRouter(prefix="/api/chat", tags=["sessions"])
+router = APIRouter(prefix="/api/chat", tags=["sessions"], route_class=CheckedRoute)
 
 SessionId = Annotated[str, Path(min_length=1, max_length=100)]
 
@@ -39,9 +41,9 @@ async def list_sessions(
     caller: Caller,
     parts: Parts,
     status: Annotated[str | None, Query(max_length=20)] = None,
-    agent_id: int | None = None,
+    agent_id: Annotated[int | None, Query(ge=MIN_INT, le=MAX_ROW_INT)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> JSONBody:
     summaries, total = await parts.sessions.list(
         caller, status=status, agent_id=agent_id, limit=limit, offset=offset

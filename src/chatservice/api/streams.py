@@ -17,6 +17,7 @@ from sse_starlette.sse import EventSourceResponse
 from chatservice import events
 from chatservice.api.deps import Caller, Parts
 from chatservice.api.responses import JSONBody
+from chatservice.api.routing import CheckedRoute
 from chatservice.api.schemas import SendMessage
 from chatservice.api.sessions import SessionId
 from chatservice.components import Components
@@ -24,8 +25,9 @@ from chatservice.domain import JSON, Message, SessionKind, new_id
 from chatservice.realtime.connection import Connection
 from chatservice.services.errors import InvalidInput
 from chatservice.services.messages import Draft
+from chatservice.values import MAX_INT
 
-router = APIRouter(prefix="/api/chat", tags=["streams"])
+router = APIRouter(prefix="/api/chat", tags=["streams"], route_class=CheckedRoute)
 
 MessageId = Annotated[str, Path(min_length=1, max_length=100)]
 
@@ -145,7 +147,7 @@ async def resume_stream(
     message_id: MessageId,
     caller: Caller,
     parts: Parts,
-    from_index: Annotated[int, Query(ge=0)] = 0,
+    from_index: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> EventSourceResponse:
     """An answer from chunk `from_index` on: buffered chunks, then live ones; or, once it
     has finished, the stored message as one `message` event."""

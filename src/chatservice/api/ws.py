@@ -7,7 +7,9 @@ the services, and how events reach this socket by the hub (`realtime/`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import orjson
 from fastapi import APIRouter, WebSocket
@@ -35,6 +37,7 @@ from chatservice.realtime.connection import (
 )
 from chatservice.services.errors import Forbidden, NotFound, ServiceError
 from chatservice.services.messages import Draft
+from chatservice.values import UnacceptableValue, check_json, check_text
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -66,7 +69,9 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
         websocket.send_text,
         websocket.close,
         parts.settings.ws_send_queue_size,
+        write_timeout=parts.settings.ws_write_timeout,
     )
+    expiry: asyncio.TimerHandle | None = None
     try:
         # Attached before the handshake completes: anything sent after the client sees
         # the connection open is already on its way to it.
@@ -79,6 +84,7 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
             return
         await websocket.accept()
         conn.start()
+        expiry = _close_at_expiry(conn, principal)
         current = await parts.messages.last_seq(session_id)
         if since_raw is not None:
             conn.last_seq = min(int(since_raw), current)
@@ -102,19 +108,47 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
         await _read_frames(parts, websocket, conn, principal, session)
     except WebSocketDisconnect:
         pass
+    except asyncio.CancelledError:
+        if not conn.reader_interrupted:
+            raise  # the server is stopping, not this connection
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
     except Exception:  # a broken dependency mid-connection: close cleanly, client resumes
         log.exception("WebSocket to %s failed", session_id)
         conn.kill(CLOSE_INTERNAL_ERROR, "internal error; reconnect with since_seq")
     finally:
+        if expiry is not None:
+            expiry.cancel()
         await parts.hub.detach(conn)
         await conn.stop()
         await parts.typing.stopped(session_id, principal.user_id)
+
+
+def _close_at_expiry(conn: Connection, principal: Principal) -> asyncio.TimerHandle | None:
+    """A connection lives no longer than its token: at `exp` it closes with 4401 and the
+    client reconnects with a fresh token (and `since_seq`, so nothing is missed)."""
+    if principal.expires_at is None:
+        return None
+    loop = asyncio.get_running_loop()
+    delay = max(0.0, principal.expires_at - time.time())
+    return loop.call_later(delay, conn.kill, CLOSE_UNAUTHORIZED, "token expired")
 
 
 async def _admit(
     parts: Components, websocket: WebSocket, session_id: str
 ) -> tuple[tuple[int, str] | None, Principal | None, Session | None]:
     """Who is connecting and to what; or the close code and reason that refuse them."""
+    allowed_origins = parts.settings.cors_origins
+    origin = websocket.headers.get("origin")
+    # Browsers send Origin on every WebSocket handshake and cannot forge it: a page of
+    # another site must not use a visitor's token (cross-site WebSocket hijacking).
+    if allowed_origins and "*" not in allowed_origins and origin not in (None, *allowed_origins):
+        return (CLOSE_FORBIDDEN, "origin not allowed"), None, None
+    try:
+        check_text(session_id, "session_id")
+    except UnacceptableValue:
+        return (CLOSE_NOT_FOUND, "session not found"), None, None
     try:
         principal = parts.tokens.verify(_token(websocket))
     except AuthError as exc:
@@ -179,8 +213,13 @@ async def _read_frames(
     session: Session,
 ) -> None:
     limit = parts.settings.ws_message_size_limit
+    this_task = asyncio.current_task()
     while not conn.closed:
-        received = await websocket.receive()
+        conn.idle_reader = this_task
+        try:
+            received = await websocket.receive()
+        finally:
+            conn.idle_reader = None
         if received["type"] == "websocket.disconnect":
             return
         text = received.get("text")
@@ -197,6 +236,11 @@ async def _read_frames(
             continue
         if not isinstance(data, dict):
             conn.send_nowait(_error("BAD_FRAME", "a frame is a JSON object with a type"))
+            continue
+        try:
+            check_json(data)
+        except UnacceptableValue as exc:
+            conn.send_nowait(_error("VALIDATION_ERROR", str(exc)))
             continue
         kind = data.get("type")
         model = FRAME_TYPES.get(kind) if isinstance(kind, str) else None

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Connection:
         queue_size: int,
         *,
         presence: bool = True,
+        write_timeout: float | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.presence = presence  # whether it counts as the user being online
@@ -63,12 +65,20 @@ class Connection:
         self._close = close
         self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
         self._limit = queue_size
+        # A client that reads nothing fills the socket's buffers long before its queue
+        # under light traffic; a write that cannot finish in this time marks it as slow.
+        self._write_timeout = write_timeout
         self._live = False
         self._held: list[tuple[int | None, str, str | None, int | None]] = []
         self._chunks: dict[str, int] = {}  # stream id -> highest chunk index delivered
         self._gone = asyncio.Event()  # set once the connection is closing for any reason
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
+        # The task reading the client's frames, while it waits for one: a connection closed
+        # from our side stops it at once, instead of after the close handshake, which a
+        # client that reads nothing never completes (and its presence would linger).
+        self.idle_reader: asyncio.Task[Any] | None = None
+        self.reader_interrupted = False
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.conn_id}")
@@ -167,6 +177,9 @@ class Connection:
         self._mark_closed()
         log.info("closing connection %s: %s", self.conn_id, reason)
         self._closer = asyncio.create_task(self._close_quietly(code, reason))
+        if self.idle_reader is not None and self.idle_reader is not asyncio.current_task():
+            self.reader_interrupted = True
+            self.idle_reader.cancel()
 
     def finish(self, code: int, reason: str) -> None:
         """Close after the frames already queued are written (e.g. "you were removed")."""
@@ -206,10 +219,15 @@ class Connection:
         try:
             while True:
                 text = await queue.get()
-                await self._send_text(text)
+                if self._write_timeout is None:
+                    await self._send_text(text)
+                else:
+                    await asyncio.wait_for(self._send_text(text), self._write_timeout)
                 queue.task_done()
         except asyncio.CancelledError:
             raise
+        except TimeoutError:
+            self.kill(CLOSE_SLOW_CONSUMER, "client stopped reading; reconnect with since_seq")
         except Exception:  # the peer went away mid-send; the reader notices and cleans up
             self._mark_closed()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from chatservice.agents.policy import UpstreamPolicy, UpstreamRefused
 from chatservice.domain import Agent, Principal
 from chatservice.services.errors import Forbidden, InvalidInput
 from chatservice.services.sessions import check_metadata
@@ -14,8 +15,9 @@ SECRET_SETTINGS = frozenset({"api_key"})
 
 
 class AgentService:
-    def __init__(self, store: AgentStore) -> None:
+    def __init__(self, store: AgentStore, policy: UpstreamPolicy) -> None:
         self.store = store
+        self.policy = policy
 
     async def list(self) -> list[Agent]:
         return await self.store.list()
@@ -36,6 +38,11 @@ class AgentService:
         if backend not in BACKENDS:
             raise InvalidInput(f"backend must be one of {', '.join(BACKENDS)}")
         check_metadata(settings)
+        if backend == "openai":
+            try:
+                self.policy.check(settings or {})
+            except UpstreamRefused as exc:
+                raise InvalidInput(str(exc)) from None
         return await self.store.create(name.strip(), avatar_url, backend, settings or {})
 
 

@@ -28,9 +28,11 @@ class Database:
     def __init__(self, url: str, *, pool_size: int = 20, max_overflow: int = 40) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        options: dict[str, Any] = {}
+        # Statement parameters are message contents and metadata: never in an error
+        # message or a log line.
+        options: dict[str, Any] = {"hide_parameters": True}
         if not self.is_sqlite:
-            options = {"pool_size": pool_size, "max_overflow": max_overflow, "pool_pre_ping": True}
+            options |= {"pool_size": pool_size, "max_overflow": max_overflow, "pool_pre_ping": True}
         self.engine: AsyncEngine = create_async_engine(url, **options)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)

@@ -171,7 +171,9 @@ def build_components(settings: Settings) -> Components:
         ),
     )
     message_service.delete_listeners.append(archive_service.on_message_deleted)
-    scheduler = Scheduler(locks, maintenance_jobs(settings, archive_service, file_service))
+    scheduler = Scheduler(
+        locks, maintenance_jobs(settings, archive_service, file_service, stream_service)
+    )
     return Components(
         settings=settings,
         database=database,
@@ -208,16 +210,21 @@ def build_blob_store(settings: Settings) -> BlobStore:
     return LocalBlobStore(settings.effective_file_storage_path)
 
 
-def maintenance_jobs(settings: Settings, archives: ArchiveService, files: FileService) -> list[Job]:
+def maintenance_jobs(
+    settings: Settings, archives: ArchiveService, files: FileService, streams: StreamService
+) -> list[Job]:
     async def housekeeping() -> int:
         ended = await archives.end_idle()
         retried = await archives.retry_pending()
         purged = await files.purge_unattached(utcnow() - UNATTACHED_UPLOAD_TTL)
-        return ended + retried + purged
+        cleaned = await files.retry_blob_removal()
+        return ended + retried + purged + cleaned
 
     return [
         Job("snapshots", settings.archive_snapshot_interval, archives.snapshot_changed),
         Job("housekeeping", settings.session_idle_check_interval, housekeeping),
+        # A question whose instance died is answered within about one agent lease.
+        Job("orphaned-questions", settings.agent_orphan_check_interval, streams.answer_orphans),
     ]
 
 
@@ -235,6 +242,7 @@ async def start_components(parts: Components) -> None:
     await parts.bus.start()
     await parts.hub.start()
     await parts.streams.start()
+    await parts.streams.answer_orphans()  # e.g. those this instance left when it stopped
     await parts.scheduler.start()
 
 

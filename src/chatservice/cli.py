@@ -58,6 +58,7 @@ def serve(
     import uvicorn
 
     from chatservice.api.header_limit import bounded_http_protocol
+    from chatservice.api.server import DrainingServer
     from chatservice.app import create_app
     from chatservice.logs import configure_logging
     from chatservice.store import migrate
@@ -85,8 +86,9 @@ def serve(
         _fail(problem)
     limit = settings.ws_message_size_limit
     typer.echo(_start_banner(settings, host, port or settings.service_port))
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=host,
         port=port or settings.service_port,
         http=bounded_http_protocol(settings.max_request_header_bytes),
@@ -96,6 +98,13 @@ def serve(
         ws_ping_timeout=settings.ws_connection_timeout,
         timeout_graceful_shutdown=5,
     )
+    parts = app.state.components
+
+    async def drain() -> None:
+        await parts.streams.drain(settings.agent_shutdown_grace)
+        await parts.hub.settle()  # the answers' last frames reach their clients
+
+    DrainingServer(config, drain).run()
 
 
 def _private_files() -> None:
@@ -139,6 +148,8 @@ def _start_banner(settings: Settings, host: str, port: int) -> str:
 def _own_command() -> str:
     """How to run this program again: its name when the shell finds it, else its path."""
     invoked = Path(sys.argv[0])
+    if invoked.suffix == ".py":  # started as `python -m chatservice.cli`
+        return f"{sys.executable} -m chatservice.cli"
     if shutil.which(invoked.name) and Path(shutil.which(invoked.name) or "").samefile(invoked):
         return invoked.name
     return str(invoked.resolve()) if invoked.exists() else "chat-service"

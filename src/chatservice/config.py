@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     stream_buffer_ttl: int = Field(7200, ge=10)
     agent_timeout: float = Field(120, gt=0)
     agent_stall_timeout: float = Field(30, gt=0)
+    # On shutdown, answers being generated get this long to finish before they are stored
+    # as they stand; questions left unanswered are taken up by the periodic check.
+    agent_shutdown_grace: float = Field(10, ge=0)
+    agent_orphan_check_interval: float = Field(15, gt=0)
     agent_context_messages: int = Field(40, ge=1)
     agent_context_chars: int = Field(12_000, ge=100)
     openai_base_url: str = "https://api.openai.com/v1"

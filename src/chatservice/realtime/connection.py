@@ -79,6 +79,12 @@ class Connection:
         # client that reads nothing never completes (and its presence would linger).
         self.idle_reader: asyncio.Task[Any] | None = None
         self.reader_interrupted = False
+        self._sending = 0  # 1 while the writer is handing a frame to the socket
+
+    @property
+    def backlog(self) -> int:
+        """Frames queued and not yet written to the socket."""
+        return self._queue.qsize() + self._sending
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.conn_id}")
@@ -219,10 +225,12 @@ class Connection:
         try:
             while True:
                 text = await queue.get()
+                self._sending = 1
                 if self._write_timeout is None:
                     await self._send_text(text)
                 else:
                     await asyncio.wait_for(self._send_text(text), self._write_timeout)
+                self._sending = 0
                 queue.task_done()
         except asyncio.CancelledError:
             raise

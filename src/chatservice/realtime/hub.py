@@ -263,6 +263,27 @@ class Hub:
             except Exception:
                 log.exception("catching up %s failed", room.session_id)
 
+    async def settle(self, quiet: float = 0.1, timeout: float = 2.0) -> None:
+        """Until every connection's queue is written and no new frame came for `quiet`
+        seconds (events published just before may still be on the bus), or `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            pending = [
+                conn
+                for room in self._rooms.values()
+                for conn in room.connections
+                if not conn.closed and conn.backlog
+            ]
+            if not pending:
+                await asyncio.sleep(quiet)
+                if not any(
+                    conn.backlog for room in self._rooms.values() for conn in room.connections
+                ):
+                    return
+            else:
+                await asyncio.sleep(0.02)
+
     async def close_all(self, code: int, reason: str) -> None:
         for room in list(self._rooms.values()):
             for conn in list(room.connections):

@@ -83,9 +83,12 @@ class ArchiveService:
         await self.blobs.delete_prefix(snapshot_prefix(session.session_id))
 
     async def on_message_deleted(self, message: Message) -> None:
-        """A deleted message must not live on in snapshots: drop them, snapshot afresh."""
-        await self.blobs.delete_prefix(snapshot_prefix(message.session_id))
+        """A deleted message must not live on in snapshots: drop them, snapshot afresh.
+
+        The reset comes first: if the blob store is down now, the snapshot job's next run
+        for this session replaces every snapshot it has (see `_snapshot`)."""
         await self.store.reset_snapshot(message.session_id)
+        await self.blobs.delete_prefix(snapshot_prefix(message.session_id))
 
     # -- for participants ------------------------------------------------------------------
 
@@ -199,6 +202,10 @@ class ArchiveService:
         # UTC, not TRANSCRIPT_TIMEZONE: names must sort by time even across DST changes.
         stamp = now.strftime("%Y%m%d%H%M%S")
         prefix = snapshot_prefix(session.session_id)
+        if session.snapshot_seq == 0:
+            # The first snapshot, or the first since a message was deleted: none of the
+            # older ones may survive it (their removal may have failed at delete time).
+            await self.blobs.delete_prefix(prefix)
         await self.blobs.put_bytes(f"{prefix}{stamp}.txt", text.encode(), TEXT_TYPE)
         await self.store.record_snapshot(session.session_id, session.last_seq)
         current = await self.sessions.store.get(session.session_id)

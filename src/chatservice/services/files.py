@@ -248,7 +248,30 @@ class FileService:
         if message.message_type != MessageType.FILE:
             return
         for record in await self.store.mark_deleted_for_message(message.message_id, utcnow()):
-            await self._delete_blobs(record)
+            await self._remove_deleted_blobs(record)
+
+    async def retry_blob_removal(self, batch: int = 200) -> int:
+        """Remove the blobs of deleted files that a blob store outage left behind."""
+        removed = 0
+        for record in await self.store.blobs_to_remove(batch):
+            if await self._remove_deleted_blobs(record):
+                removed += 1
+        return removed
+
+    async def _remove_deleted_blobs(self, record: FileRecord) -> bool:
+        """The row is already marked deleted, so nobody can download the file; its blobs go
+        now, or at the housekeeping job's next run if the blob store is unavailable."""
+        try:
+            for key in (record.storage_key, record.thumbnail_key):
+                if key:
+                    await self.blobs.delete(key)
+        except Exception as exc:
+            log.warning(
+                "blobs of deleted file %s stay until the next retry: %s", record.file_id, exc
+            )
+            return False
+        await self.store.mark_blobs_removed(record.file_id, utcnow())
+        return True
 
     async def purge_unattached(self, older_than: datetime, batch: int = 200) -> int:
         """Remove uploads no message took up (`attach=false` and never attached)."""

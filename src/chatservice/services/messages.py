@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ MAX_PAGE = 200
 MAX_CLIENT_MSG_ID = 100
 USER_MESSAGE_TYPES = frozenset({MessageType.TEXT.value})
 EDITABLE_TYPES = frozenset({MessageType.TEXT.value, MessageType.FILE.value})
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -155,12 +158,17 @@ class MessageService:
         deleted = await self.store.soft_delete(message_id, now)
         if deleted is None:
             raise NotFound("message not found", code="MESSAGE_NOT_FOUND")
-        for listener in self.delete_listeners:
-            await listener(deleted)
+        # Committed: the deletion stands and everyone hears of it, whatever the cleanup
+        # below meets (a blob store outage is retried by the housekeeping job).
         await self.bus.publish(
             events.session_channel(deleted.session_id),
             events.encode(events.message_deleted_event(deleted, now)),
         )
+        for listener in self.delete_listeners:
+            try:
+                await listener(deleted)
+            except Exception:
+                log.exception("cleanup after deleting %s failed; it is retried later", message_id)
         return deleted
 
     async def _own_live_message(self, principal: Principal, message_id: str) -> Message:

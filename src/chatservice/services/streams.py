@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 CANCEL_CHANNEL = "chat:stream:cancel"
 LEASE_SECONDS = 15.0
+# After the shutdown grace, interrupted answers get this long to be stored and announced.
+STORE_SECONDS = 5.0
+INTERRUPTED = "interrupted: the server shut down before the answer was complete"
 
 
 @dataclass(slots=True)
@@ -97,19 +100,59 @@ class StreamService:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()  # sessions with news while their worker runs
         self._running: dict[str, asyncio.Event] = {}  # message id -> its cancel switch
-        self._closing = False
+        self._closing = False  # no new answers start: the instance is shutting down
+        self._interrupting = False  # answers still running are being cut short
 
     async def start(self) -> None:
         await self.bus.subscribe([CANCEL_CHANNEL], self._on_cancel_signal)
 
-    async def stop(self) -> None:
+    async def drain(self, grace: float) -> None:
+        """Shutting down: start no new answer, let those running finish for up to `grace`
+        seconds, then end the rest with their partial text stored (status `error`) and a
+        `stream_end` to everyone. Questions not begun stay unanswered, for whichever
+        instance runs `answer_orphans` next (another one, or this one after a restart)."""
         self._closing = True
+        running = [task for task in self._workers.values() if not task.done()]
+        log.info("draining %d agent worker(s), %d answer(s)", len(running), len(self._running))
+        if running and grace > 0:
+            await asyncio.wait(running, timeout=grace)
+        self._interrupting = True
+        for cancel in list(self._running.values()):
+            cancel.set()
+        running = [task for task in self._workers.values() if not task.done()]
+        if running:
+            await asyncio.wait(running, timeout=STORE_SECONDS)
+
+    async def stop(self) -> None:
+        await self.drain(0)
         await self.bus.unsubscribe([CANCEL_CHANNEL], self._on_cancel_signal)
         for task in list(self._workers.values()):
             task.cancel()
         for task in list(self._workers.values()):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    async def answer_orphans(self, batch: int = 100) -> int:
+        """Answer questions nobody is answering: their instance died (its lease expired)
+        or stopped before reaching them. Runs at start and as a periodic job, so such a
+        question is answered without waiting for the next message."""
+        woken = 0
+        for session_id in await self.store.sessions_with_unanswered(batch):
+            if self._closing:
+                break
+            if session_id in self._workers:
+                continue
+            active = await self.buffer.active(session_id)
+            if active:
+                woken += int(await self._orphaned(session_id, active))
+                continue
+            lease = f"agent:{session_id}"
+            if not await self.locks.acquire(lease, LEASE_SECONDS):
+                continue  # a live instance is answering it
+            await self.locks.release(lease)
+            self.wake(session_id)
+            woken += 1
+        return woken
 
     # -- triggering ------------------------------------------------------------------------
 
@@ -138,7 +181,9 @@ class StreamService:
                 self._again.discard(session_id)
                 if await self.locks.acquire(lease, LEASE_SECONDS):
                     try:
-                        while (pending := await self.store.next_unanswered(session_id)) is not None:
+                        while not self._closing and (
+                            pending := await self.store.next_unanswered(session_id)
+                        ):
                             await self._answer(session_id, pending, lease)
                     finally:
                         await self.locks.release(lease)
@@ -258,7 +303,7 @@ class StreamService:
         try:
             while True:
                 if cancel.is_set():  # a fast backend may never leave the wait below pending
-                    outcome.status = "cancelled"
+                    self._cut_short(outcome)
                     return
                 upcoming = asyncio.ensure_future(anext(produced))
                 remaining = deadline - asyncio.get_running_loop().time()
@@ -272,7 +317,7 @@ class StreamService:
                     with contextlib.suppress(BaseException):
                         await upcoming
                     if cancel.is_set():
-                        outcome.status = "cancelled"
+                        self._cut_short(outcome)
                     else:
                         outcome.status = "error"
                         outcome.error = f"the agent took longer than {self.limits.total_timeout}s"
@@ -300,6 +345,12 @@ class StreamService:
             cancelled.cancel()
             with contextlib.suppress(BaseException):
                 await produced.aclose()  # type: ignore[attr-defined]
+
+    def _cut_short(self, outcome: _Outcome) -> None:
+        if self._interrupting:
+            outcome.status, outcome.error = "error", INTERRUPTED
+        else:
+            outcome.status = "cancelled"
 
     async def _store(
         self,

@@ -95,6 +95,24 @@ class FileStore:
             ).all()
         return [file_from_row(row) for row in rows]
 
+    async def mark_blobs_removed(self, file_id: str, now: datetime) -> None:
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(_f).where(_f.c.file_id == file_id).values(blobs_removed_at=now)
+            )
+
+    async def blobs_to_remove(self, limit: int) -> list[FileRecord]:
+        """Deleted files whose blobs are still in the blob store (it was down then)."""
+        query = (
+            select(_f)
+            .where(_f.c.deleted_at.is_not(None), _f.c.blobs_removed_at.is_(None))
+            .order_by(_f.c.id)
+            .limit(limit)
+        )
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [file_from_row(row) for row in rows]
+
     async def remove_unattached(self, file_id: str) -> bool:
         """Delete the row of an upload no message carries; False if one took it meanwhile."""
         async with self.db.write() as conn:

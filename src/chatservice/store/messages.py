@@ -271,6 +271,28 @@ class MessageStore:
             row = (await conn.execute(select(m).where(m.c.message_id == message_id))).first()
         return message_from_row(row) if row else None
 
+    async def sessions_with_unanswered(self, limit: int) -> list[str]:
+        """Live agent sessions with a user message newer than the last one answered."""
+        m, s = chat_messages, chat_sessions
+        waiting = (
+            select(m.c.id)
+            .where(
+                m.c.session_id == s.c.session_id,
+                m.c.sender_type == "user",
+                m.c.seq > s.c.agent_answered_seq,
+                _VISIBLE,
+            )
+            .exists()
+        )
+        query = (
+            select(s.c.session_id)
+            .where(s.c.kind == "agent", s.c.status.in_(WRITABLE_STATUSES), waiting)
+            .order_by(s.c.id)
+            .limit(limit)
+        )
+        async with self.db.read() as conn:
+            return list((await conn.execute(query)).scalars())
+
     async def next_unanswered(self, session_id: str) -> Message | None:
         """The oldest user message after the last one the session's agent answered."""
         m, s = chat_messages, chat_sessions

@@ -161,6 +161,8 @@ chat_files = Table(
     Column("uploaded_by", String(100)),
     Column("uploaded_at", Timestamp, nullable=False, server_default=func.now()),
     Column("deleted_at", Timestamp),
+    # Set once a deleted file's blobs are gone; NULL with deleted_at set: retry the removal.
+    Column("blobs_removed_at", Timestamp),
 )
 Index("idx_chat_files_message_id", chat_files.c.message_id)
 Index("idx_chat_files_uploaded_by", chat_files.c.uploaded_by)

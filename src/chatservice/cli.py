@@ -252,6 +252,93 @@ def token(
     typer.echo(codec.issue(user_id, ttl_seconds=ttl, name=name, roles=role or None))
 
 
+@cli.command()
+def loadtest(
+    scenario: Annotated[str, typer.Argument(help="fanout, chat or idle.")] = "fanout",
+    url: Annotated[
+        str | None, typer.Option(help="The server (default: http://127.0.0.1:SERVICE_PORT).")
+    ] = None,
+    rooms: Annotated[int, typer.Option(min=1, help="Sessions.")] = 10,
+    members: Annotated[int, typer.Option(min=1, help="Connected members per session.")] = 50,
+    senders: Annotated[int, typer.Option(min=1, help="Senders per session (chat).")] = 1,
+    window: Annotated[
+        int, typer.Option(min=1, help="Unacknowledged messages per sender (fanout).")
+    ] = 20,
+    rate: Annotated[float, typer.Option(min=0.01, help="Messages/s per sender (chat).")] = 2.0,
+    duration: Annotated[float, typer.Option(min=0.1, help="Seconds of sending.")] = 10.0,
+    drain: Annotated[float, typer.Option(min=0, help="Seconds to wait for the tail.")] = 10.0,
+    size: Annotated[int, typer.Option(min=1, help="Characters per message.")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Drive a running server with chat traffic; print deliveries/s, latency, loss, order.
+
+    Tokens are signed with the server's secret (JWT_SECRET_KEY, or DATA_DIR's), so run it
+    where `chat-service token` works. Exit status 1 when anything was lost or out of order.
+    """
+    import orjson
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from chatservice.auth import TokenCodec
+    from chatservice.loadtest import SCENARIOS, LoadTest, Plan
+
+    if scenario not in SCENARIOS:
+        _fail(f"scenario must be one of {', '.join(SCENARIOS)}")
+    settings = _settings()
+    try:
+        codec = TokenCodec(settings.existing_jwt_secret(), settings.jwt_algorithm)
+    except ConfigError as exc:
+        _fail(str(exc))
+    plan = Plan(
+        scenario,
+        rooms=rooms,
+        members=members,
+        senders=min(senders, members),
+        window=window,
+        rate=rate,
+        duration=duration,
+        drain=drain,
+        size=size,
+    )
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description:>8}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=as_json,
+    ) as progress:
+        phases: dict[str, TaskID] = {}
+
+        def report(phase: str, done: float, total: float) -> None:
+            if phase not in phases:
+                phases[phase] = progress.add_task(phase, total=total)
+            progress.update(phases[phase], completed=done, total=total)
+
+        base_url = url or f"http://127.0.0.1:{settings.service_port}"
+        try:
+            results = asyncio.run(LoadTest(base_url, codec, plan, report).run())
+        except (OSError, RuntimeError) as exc:
+            _fail(f"load test against {base_url} failed: {exc}")
+    summary = results.summary()
+    if as_json:
+        typer.echo(orjson.dumps(summary).decode())
+    else:
+        table = Table(title=f"{scenario}: {rooms} rooms x {members} members")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        for key, value in summary.items():
+            if key != "errors":
+                table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+        Console().print(table)
+        for error in summary["errors"]:
+            typer.echo(f"error: {error}", err=True)
+    if results.lost or results.out_of_order or results.duplicates:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     logging.captureWarnings(True)
     cli(prog_name="chat-service")

@@ -248,6 +248,7 @@ async def start_components(parts: Components) -> None:
 
 async def stop_components(parts: Components) -> None:
     await parts.scheduler.stop()
+    await parts.typing.close()
     await parts.streams.stop()
     await parts.hub.close_all(CLOSE_SERVICE_RESTART, "server shutting down")
     await parts.hub.stop()

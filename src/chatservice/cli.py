@@ -96,6 +96,7 @@ def serve(
         ws_max_size=max(4 * limit, 1_048_576),
         ws_ping_interval=settings.ws_heartbeat_interval,
         ws_ping_timeout=settings.ws_connection_timeout,
+        ws_per_message_deflate=settings.ws_per_message_deflate,
         timeout_graceful_shutdown=5,
     )
     parts = app.state.components

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     ws_message_size_limit: int = Field(65536, ge=64)
     # Frames a connection may have waiting to be written before it counts as too slow.
     ws_send_queue_size: int = Field(1024, ge=1)
+    # Off by default: compressing each frame per connection undoes encoding it once per
+    # room, and chat frames are small. Worth turning on for slow mobile links.
+    ws_per_message_deflate: bool = False
     # Seconds one frame may take to reach the socket before the client counts as too slow.
     ws_write_timeout: float = Field(15, gt=0)
     # Largest request line + headers (the WebSocket handshake's too); 431 above.

@@ -209,3 +209,21 @@ def test_the_data_directory_and_database_are_private(tmp_path: Path) -> None:
                 assert stat.S_IMODE(path.stat().st_mode) == 0o600, (name, oct(path.stat().st_mode))
     finally:
         server.stop()
+
+
+async def test_permessage_deflate_is_off_unless_configured(
+    limited: ServerProcess, tmp_path: Path
+) -> None:
+    """The client offers compression (websockets does by default); the server declines,
+    unless WS_PER_MESSAGE_DEFLATE=true."""
+    token = TokenCodec(TEST_SECRET).issue(new_user("deflate"))
+    async with websockets.connect(ws_url(limited, "sess_none", token)) as ws:
+        assert "permessage-deflate" in ws.request.headers.get("Sec-WebSocket-Extensions", "")
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+    compressing = start_server(tmp_path / "deflate", WS_PER_MESSAGE_DEFLATE="true")
+    try:
+        async with websockets.connect(ws_url(compressing, "sess_none", token)) as ws:
+            extensions = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+            assert extensions.startswith("permessage-deflate")
+    finally:
+        compressing.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -51,9 +52,35 @@ def message_from_row(row: Any) -> Message:
     )
 
 
+# Most messages one commit carries; more wait for the next one.
+MAX_GROUP = 128
+
+
+def _row(message: Message) -> dict[str, Any]:
+    return {
+        "session_id": message.session_id,
+        "message_id": message.message_id,
+        "seq": message.seq,
+        "sender_type": message.sender_type,
+        "sender_id": message.sender_id,
+        "message_type": message.message_type,
+        "content": message.content,
+        "meta": message.metadata,
+        "client_msg_id": message.client_msg_id,
+        "tokens_used": message.tokens_used,
+        "latency_ms": message.latency_ms,
+        "created_at": message.created_at,
+    }
+
+
 class MessageStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # Group commit: appends that arrive while a commit is under way wait here and are
+        # stored together by the next one (one transaction, one round trip per statement
+        # kind), instead of one transaction each.
+        self._queued: list[tuple[Message, asyncio.Future[tuple[Message, bool]]]] = []
+        self._committer: asyncio.Task[None] | None = None
 
     async def append(
         self,
@@ -62,7 +89,95 @@ class MessageStore:
         answers_seq: int | None = None,
         attach_file_id: str | None = None,
     ) -> tuple[Message, bool]:
-        """Store `message` with the session's next seq; returns (stored, created).
+        """Store `message` with the session's next seq; returns (stored, created) once the
+        transaction that holds it has committed.
+
+        Plain messages are group-committed with whatever else is waiting (see
+        `_append_group`); an agent answer (`answers_seq`) or a file message
+        (`attach_file_id`) has a transaction of its own (`_append_alone`).
+        """
+        if answers_seq is not None or attach_file_id is not None:
+            return await self._append_alone(
+                message, answers_seq=answers_seq, attach_file_id=attach_file_id
+            )
+        done: asyncio.Future[tuple[Message, bool]] = asyncio.get_running_loop().create_future()
+        self._queued.append((message, done))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_queued(), name="group-commit")
+        return await done
+
+    async def _commit_queued(self) -> None:
+        group: list[tuple[Message, asyncio.Future[tuple[Message, bool]]]] = []
+        try:
+            while self._queued:
+                group, self._queued = self._queued[:MAX_GROUP], self._queued[MAX_GROUP:]
+                messages = [message for message, _ in group]
+                try:
+                    await self._append_group(messages)
+                except Exception:
+                    # One bad message (a reused client_msg_id, a session just ended) fails
+                    # the whole group's transaction: store each alone, so only it fails.
+                    for message, done in group:
+                        try:
+                            result = await self._append_alone(message)
+                        except Exception as exc:
+                            if not done.done():
+                                done.set_exception(exc)
+                        else:
+                            if not done.done():
+                                done.set_result(result)
+                    continue
+                for message, done in group:
+                    if not done.done():
+                        done.set_result((message, True))
+        finally:
+            # Cancelled mid-commit (shutdown): nobody may wait forever on its outcome.
+            for _, done in group:
+                if not done.done():
+                    done.cancel()
+            self._committer = None
+
+    async def _append_group(self, messages: list[Message]) -> None:
+        """Store plain messages in one transaction: per session one `UPDATE … last_seq =
+        last_seq + n RETURNING`, which numbers its messages in arrival order, then one
+        multi-row INSERT for all. Any failure rolls the whole group back (seqs included)."""
+        s = chat_sessions
+        by_session: dict[str, list[Message]] = {}
+        for message in messages:
+            by_session.setdefault(message.session_id, []).append(message)
+        async with self.db.write() as conn:
+            now: Any = utcnow() if self.db.is_sqlite else func.clock_timestamp()
+            for session_id, own in by_session.items():
+                row = (
+                    await conn.execute(
+                        update(s)
+                        .where(s.c.session_id == session_id, s.c.status.in_(WRITABLE_STATUSES))
+                        .values(
+                            last_seq=s.c.last_seq + len(own),
+                            updated_at=now,
+                            status=SessionStatus.ACTIVE.value,
+                            started_at=func.coalesce(s.c.started_at, now),
+                        )
+                        .returning(s.c.last_seq, s.c.updated_at)
+                    )
+                ).first()
+                if row is None:
+                    raise SessionNotWritable(session_id)
+                first = row.last_seq - len(own) + 1
+                created_at = as_utc(row.updated_at)
+                for offset, message in enumerate(own):
+                    message.seq = first + offset
+                    message.created_at = created_at
+            await conn.execute(insert(chat_messages), [_row(m) for m in messages])
+
+    async def _append_alone(
+        self,
+        message: Message,
+        *,
+        answers_seq: int | None = None,
+        attach_file_id: str | None = None,
+    ) -> tuple[Message, bool]:
+        """Store `message` with the session's next seq, in a transaction of its own.
 
         The seq comes from `UPDATE chat_sessions SET last_seq = last_seq + 1 … RETURNING`
         in the same transaction as the INSERT: the row lock orders concurrent writers of
@@ -102,24 +217,9 @@ class MessageStore:
                 ).first()
                 if row is None:
                     raise SessionNotWritable(message.session_id)
-                seq = message.seq = row.last_seq
+                message.seq = row.last_seq
                 message.created_at = as_utc(row.updated_at)
-                await conn.execute(
-                    insert(chat_messages).values(
-                        session_id=message.session_id,
-                        message_id=message.message_id,
-                        seq=seq,
-                        sender_type=message.sender_type,
-                        sender_id=message.sender_id,
-                        message_type=message.message_type,
-                        content=message.content,
-                        meta=message.metadata,
-                        client_msg_id=message.client_msg_id,
-                        tokens_used=message.tokens_used,
-                        latency_ms=message.latency_ms,
-                        created_at=message.created_at,
-                    )
-                )
+                await conn.execute(insert(chat_messages).values(**_row(message)))
                 if attach_file_id is not None:
                     f = chat_files
                     taken = await conn.execute(

@@ -58,11 +58,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(5)
 
 
-def start_moto(log_path: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    """Start `moto.server` on a free port; return its URL once it answers HTTP."""
-    port = _free_port()
+def start_moto(log_path: Path, port: int | None = None) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start `moto.server` on `port` (default: a free one); return its URL once it answers
+    HTTP."""
+    port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=log,

@@ -10,7 +10,6 @@ import asyncio
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from tests.conftest import TEST_SECRET, ServerProcess, free_port, new_user, star
 from tests.e2e.agent_helpers import raw_reader, read_answer
 from tests.e2e.conftest import bearer, frames_until_pong, recv_until, ws_url
 from tests.e2e.test_archives import s3_env
-from tests.s3_server import s3_client
+from tests.s3_server import s3_client, start_moto
 
 API = "/api/chat"
 JSON = dict[str, Any]
@@ -148,21 +147,8 @@ async def test_a_question_left_by_a_killed_instance_is_answered_without_a_new_me
 
 
 def start_moto_on(port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}", timeout=1)
-            return process
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(log_path.read_text())
+    """moto on a fixed port, so a restarted blob store is found where the server looks."""
+    return start_moto(log_path, port)[1]
 
 
 def blobs_pending(data_dir: Path) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from chatservice.domain import (
     WRITABLE_STATUSES,
@@ -54,6 +55,28 @@ def message_from_row(row: Any) -> Message:
 
 # Most messages one commit carries; more wait for the next one.
 MAX_GROUP = 128
+
+
+async def _take_seqs(
+    conn: AsyncConnection, session_id: str, count: int, now: Any, **values: Any
+) -> Any:
+    """Move a writable session's `last_seq` on by `count` under its row lock; returns the
+    row (`last_seq`, `updated_at`), or None when the session is not writable."""
+    s = chat_sessions
+    return (
+        await conn.execute(
+            update(s)
+            .where(s.c.session_id == session_id, s.c.status.in_(WRITABLE_STATUSES))
+            .values(
+                last_seq=s.c.last_seq + count,
+                updated_at=now,
+                status=SessionStatus.ACTIVE.value,
+                started_at=func.coalesce(s.c.started_at, now),
+                **values,
+            )
+            .returning(s.c.last_seq, s.c.updated_at)
+        )
+    ).first()
 
 
 def _row(message: Message) -> dict[str, Any]:
@@ -141,26 +164,13 @@ class MessageStore:
         """Store plain messages in one transaction: per session one `UPDATE … last_seq =
         last_seq + n RETURNING`, which numbers its messages in arrival order, then one
         multi-row INSERT for all. Any failure rolls the whole group back (seqs included)."""
-        s = chat_sessions
         by_session: dict[str, list[Message]] = {}
         for message in messages:
             by_session.setdefault(message.session_id, []).append(message)
         async with self.db.write() as conn:
             now: Any = utcnow() if self.db.is_sqlite else func.clock_timestamp()
             for session_id, own in by_session.items():
-                row = (
-                    await conn.execute(
-                        update(s)
-                        .where(s.c.session_id == session_id, s.c.status.in_(WRITABLE_STATUSES))
-                        .values(
-                            last_seq=s.c.last_seq + len(own),
-                            updated_at=now,
-                            status=SessionStatus.ACTIVE.value,
-                            started_at=func.coalesce(s.c.started_at, now),
-                        )
-                        .returning(s.c.last_seq, s.c.updated_at)
-                    )
-                ).first()
+                row = await _take_seqs(conn, session_id, len(own), now)
                 if row is None:
                     raise SessionNotWritable(session_id)
                 first = row.last_seq - len(own) + 1
@@ -190,7 +200,6 @@ class MessageStore:
         unique constraint rejects the insert (rolling the seq back) and the original is
         read, so the common case costs no extra lookup.
         """
-        s = chat_sessions
         try:
             async with self.db.write() as conn:
                 # The time is read once the session row is ours, so created_at follows seq
@@ -198,23 +207,13 @@ class MessageStore:
                 # PostgreSQL the database clock is read after the lock wait; SQLite's
                 # writers are already serialised by the in-process write lock.
                 now: Any = utcnow() if self.db.is_sqlite else func.clock_timestamp()
-                row = (
-                    await conn.execute(
-                        update(s)
-                        .where(
-                            s.c.session_id == message.session_id,
-                            s.c.status.in_(WRITABLE_STATUSES),
-                        )
-                        .values(
-                            last_seq=s.c.last_seq + 1,
-                            updated_at=now,
-                            status=SessionStatus.ACTIVE.value,
-                            started_at=func.coalesce(s.c.started_at, now),
-                            **({} if answers_seq is None else {"agent_answered_seq": answers_seq}),
-                        )
-                        .returning(s.c.last_seq, s.c.updated_at)
-                    )
-                ).first()
+                row = await _take_seqs(
+                    conn,
+                    message.session_id,
+                    1,
+                    now,
+                    **({} if answers_seq is None else {"agent_answered_seq": answers_seq}),
+                )
                 if row is None:
                     raise SessionNotWritable(message.session_id)
                 message.seq = row.last_seq

@@ -742,7 +742,9 @@ FAST_ROUNDS = 6
 
 @pytest.fixture(scope="module")
 def fast(cluster: Cluster) -> Iterator[ServerProcess]:
-    server = cluster.start("fast", STREAM_CHUNK_SIZE=1, STREAM_DELAY_MS=0)
+    # A deep send queue: ~3,200 chunks at full speed to a test client that may lag on a
+    # busy machine; this server's tests are about what is stored, not slow consumers.
+    server = cluster.start("fast", STREAM_CHUNK_SIZE=1, STREAM_DELAY_MS=0, WS_SEND_QUEUE_SIZE=8192)
     yield server
     server.stop()
 

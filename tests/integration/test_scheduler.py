@@ -312,3 +312,38 @@ async def test_a_lost_cancellation_does_not_keep_the_lease_forever(redis_url: st
                 task.cancel()
         await asyncio.wait([running], timeout=1.0)
         await client.aclose()
+
+
+async def test_an_outage_is_a_warning_and_a_bug_is_an_error(
+    instances: Instances, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend out of reach (Redis restarting) is expected and retried: one warning line,
+    no traceback; any other exception is logged as an error with its traceback."""
+    calls: list[str] = []
+
+    async def unreachable() -> int:
+        calls.append("outage")
+        raise ConnectionRefusedError("connection refused")
+
+    async def buggy() -> int:
+        calls.append("bug")
+        raise KeyError("bug")
+
+    scheduler = Scheduler(
+        instances.make(),
+        [Job(job_name(), INTERVAL, unreachable), Job(job_name(), INTERVAL, buggy)],
+    )
+    with caplog.at_level("WARNING", logger="chatservice.services.scheduler"):
+        await scheduler.start()
+        try:
+            for _ in range(200):
+                if {"outage", "bug"} <= set(calls):
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await stop(scheduler)
+    records = [r for r in caplog.records if r.name == "chatservice.services.scheduler"]
+    outages = [r for r in records if "unreachable" in r.getMessage()]
+    bugs = [r for r in records if "failed" in r.getMessage()]
+    assert outages and all(r.levelname == "WARNING" and not r.exc_info for r in outages)
+    assert bugs and all(r.levelname == "ERROR" and r.exc_info for r in bugs)

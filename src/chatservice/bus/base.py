@@ -10,6 +10,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc` says a backend could not be reached: an outage to ride out and retry
+    (Redis restarting, a network blip), not a bug to report with a traceback."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, OSError | TimeoutError | RedisConnectionError | RedisTimeoutError)
+
+
 # Called on the event loop for each message on a subscribed channel; must not block.
 Handler = Callable[[str, bytes], None]
 Reconnected = Callable[[], Awaitable[None]]

@@ -15,7 +15,7 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from chatservice.bus.base import Locks
+from chatservice.bus.base import Locks, is_outage
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,11 @@ class Scheduler:
                     log.info("job %s: %d done", job.name, done)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the next interval tries again
-                log.exception("job %s failed", job.name)
+            except Exception as exc:  # the next interval tries again
+                if is_outage(exc):
+                    log.warning("job %s skipped, a backend is unreachable: %s", job.name, exc)
+                else:
+                    log.exception("job %s failed", job.name)
             await asyncio.sleep(job.interval)
 
     async def _keep(self, lease: str, ttl: float, finished: asyncio.Event) -> None:

@@ -142,7 +142,6 @@ def build_components(settings: Settings) -> Components:
             context_chars=settings.agent_context_chars,
         ),
     )
-    message_service.listeners.append(stream_service.on_message)
     blobs = build_blob_store(settings)
     file_store = FileStore(database)
     file_service = FileService(
@@ -170,7 +169,14 @@ def build_components(settings: Settings) -> Components:
             idle_timeout=timedelta(seconds=settings.session_idle_timeout),
         ),
     )
+    # Who is told what, in one place: a stored message may need an agent's answer; a
+    # deleted message takes its files and snapshots along; an ended session is archived
+    # (before `session_ended` goes out); a deleted one loses its snapshots.
+    message_service.listeners.append(stream_service.on_message)
+    message_service.delete_listeners.append(file_service.on_message_deleted)
     message_service.delete_listeners.append(archive_service.on_message_deleted)
+    session_service.end_listeners.append(archive_service.on_ended)
+    session_service.delete_listeners.append(archive_service.on_deleted)
     scheduler = Scheduler(
         locks, maintenance_jobs(settings, archive_service, file_service, stream_service)
     )

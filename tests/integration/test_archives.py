@@ -53,7 +53,8 @@ def second_service(
     parts: Components, blobs: BlobStore | None = None, **settings: Any
 ) -> ArchiveService:
     """Another ArchiveService over the same stores, which does NOT listen to session ends
-    (the constructor registers it; the test's own `parts.archives` keeps that job)."""
+    (only the composition root wires listeners; the test's own `parts.archives` keeps that
+    job)."""
     base = parts.archives.settings
     service = ArchiveService(
         parts.sessions,
@@ -68,7 +69,6 @@ def second_service(
             idle_timeout=settings.get("idle_timeout", base.idle_timeout),
         ),
     )
-    parts.sessions.end_listeners.remove(service.on_ended)
     return service
 
 

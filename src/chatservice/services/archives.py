@@ -75,8 +75,6 @@ class ArchiveService:
         self.store = store
         self.blobs = blobs
         self.settings = settings
-        sessions.end_listeners.append(self.on_ended)
-        sessions.delete_listeners.append(self.on_deleted)
 
     async def on_deleted(self, session: Session) -> None:
         """A deleted session is never archived; its snapshots must not outlive it."""

@@ -110,7 +110,6 @@ class FileService:
         self.limits = limits
         self._decoders = asyncio.Semaphore(THUMBNAIL_WORKERS)
         self._writers = asyncio.Semaphore(BLOB_WRITERS)
-        messages.delete_listeners.append(self.on_message_deleted)
 
     async def check_can_upload(self, principal: Principal, session_id: str) -> Session:
         """Everything that can refuse an upload before its body is read: membership, a

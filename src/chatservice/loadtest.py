@@ -130,9 +130,7 @@ class LoadTest:
         rooms = await self._create_rooms()
         members = await self._connect(rooms)
         readers = [
-            asyncio.create_task(self._read(member))
-            for room in members.values()
-            for member in room
+            asyncio.create_task(self._read(member)) for room in members.values() for member in room
         ]
         try:
             if plan.scenario == "idle":

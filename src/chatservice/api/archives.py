@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 from starlette.responses import Response
 
 from chatservice.api.deps import Caller, Parts
+from chatservice.api.responses import Responses, errors
 from chatservice.api.routing import CheckedRoute
 from chatservice.api.sessions import SessionId
 from chatservice.media.names import content_disposition
@@ -16,16 +17,34 @@ from chatservice.services.archives import Document
 router = APIRouter(prefix="/api/chat", tags=["archives"], route_class=CheckedRoute)
 
 Format = Annotated[Literal["text", "json"], Query()]
+# `format` picks the body's type; `response_class=Response` keeps FastAPI from claiming JSON.
+_DOCUMENT: Responses = {
+    200: {
+        "description": "`format=text`: the transcript layout; `format=json`: every message",
+        "content": {
+            "text/plain": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+}
 
 
-@router.get("/sessions/{session_id}/transcript")
+@router.get(
+    "/sessions/{session_id}/transcript",
+    response_class=Response,
+    responses={**_DOCUMENT, **errors(403, 404)},
+)
 async def transcript(
     session_id: SessionId, caller: Caller, parts: Parts, format: Format = "text"
 ) -> Response:
     return _document(await parts.archives.transcript(caller, session_id, format), "inline")
 
 
-@router.get("/sessions/{session_id}/archive")
+@router.get(
+    "/sessions/{session_id}/archive",
+    response_class=Response,
+    responses={**_DOCUMENT, **errors(403, 404)},
+)
 async def archive(
     session_id: SessionId, caller: Caller, parts: Parts, format: Format = "text"
 ) -> Response:

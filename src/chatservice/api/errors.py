@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from chatservice.api.deps import Unauthorized
 from chatservice.api.responses import JSONBody
@@ -66,6 +67,22 @@ def install(app: FastAPI) -> None:
         return error_response(422, "VALIDATION_ERROR", message, details=details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONBody:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONBody:
         code = _HTTP_CODES.get(exc.status_code, "ERROR")
-        return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette's `Allow` names the methods of the first route matching the path;
+            # RFC 9110 wants all of the resource's (GET and POST /sessions are two routes).
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(request.scope)
+            if match is not Match.NONE:
+                methods |= route.methods
+    return sorted(methods)

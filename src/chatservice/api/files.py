@@ -16,13 +16,13 @@ from starlette.responses import Response, StreamingResponse
 
 from chatservice.api.deps import Caller, Parts
 from chatservice.api.errors import error_response
-from chatservice.api.responses import JSONBody
+from chatservice.api.responses import JSONBody, Responses, errors
 from chatservice.api.routing import CheckedRoute
 from chatservice.api.sessions import SessionId
 from chatservice.domain import isoformat
 from chatservice.media.names import content_disposition
 from chatservice.services.errors import InvalidInput, UnsupportedMediaType
-from chatservice.services.files import Download, Upload
+from chatservice.services.files import MAX_CAPTION_CHARS, Download, Upload
 from chatservice.values import UnacceptableValue, check_text
 
 router = APIRouter(tags=["files"], route_class=CheckedRoute)
@@ -42,9 +42,58 @@ _DOWNLOAD_HEADERS = {
     "Accept-Ranges": "bytes",
 }
 INLINE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+# The route reads its multipart body itself (see the module's doc), so FastAPI cannot
+# describe it: this is that description.
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "its type is judged from its bytes "
+                            "(ALLOWED_FILE_TYPES), at most MAX_FILE_SIZE bytes",
+                        },
+                        "message": {"type": "string", "maxLength": MAX_CAPTION_CHARS},
+                        "client_msg_id": {"type": "string", "maxLength": 100},
+                        "attach": {
+                            "type": "string",
+                            "description": "false, 0, no or off: only store the file "
+                            "(for a later WebSocket `file` frame)",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+# Whatever type the file has; thumbnails are JPEG or PNG.
+_DOWNLOAD: Responses = {
+    200: {"description": "the file", "content": {"*/*": {"schema": {}}}},
+    206: {"description": "the requested `Range`", "content": {"*/*": {"schema": {}}}},
+    304: {"description": "`If-None-Match` names the current ETag"},
+    **errors(403, 404, 416),
+}
+_DOWNLOAD_HEADERS_IN = {
+    "parameters": [
+        {"name": name, "in": "header", "required": False, "schema": {"type": "string"}}
+        for name in ("Range", "If-Range", "If-None-Match")
+    ]
+}
 
 
-@router.post("/api/chat/sessions/{session_id}/files", status_code=201)
+@router.post(
+    "/api/chat/sessions/{session_id}/files",
+    status_code=201,
+    responses=errors(400, 403, 404, 409, 415, 429),
+    openapi_extra=_UPLOAD_BODY,
+)
 async def upload_file(
     session_id: SessionId, request: Request, caller: Caller, parts: Parts
 ) -> JSONBody:
@@ -91,7 +140,12 @@ async def upload_file(
     )
 
 
-@router.get("/files/{file_id}")
+@router.get(
+    "/files/{file_id}",
+    response_class=Response,
+    responses=_DOWNLOAD,
+    openapi_extra=_DOWNLOAD_HEADERS_IN,
+)
 async def download_file(
     file_id: FileId, request: Request, caller: Caller, parts: Parts
 ) -> Response:
@@ -99,7 +153,12 @@ async def download_file(
     return _serve(parts, request, found)
 
 
-@router.get("/files/{file_id}/thumb")
+@router.get(
+    "/files/{file_id}/thumb",
+    response_class=Response,
+    responses=_DOWNLOAD,
+    openapi_extra=_DOWNLOAD_HEADERS_IN,
+)
 async def download_thumbnail(
     file_id: FileId, request: Request, caller: Caller, parts: Parts
 ) -> Response:

@@ -15,6 +15,8 @@ class MessageFrame(_Frame):
     type: Literal["message"]
     content: StrictStr
     client_msg_id: StrictStr | None = Field(None, min_length=1, max_length=100)
+    # Its strings and numbers were checked with the whole frame (`values.check_json`, in
+    # the reader) before this model sees it: no second, slower walk here.
     metadata: dict[str, Any] | None = None
 
 

@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter
 
 from chatservice.api.deps import Parts
-from chatservice.api.responses import JSONBody
+from chatservice.api.responses import JSONBody, errors, json_too
 from chatservice.api.routing import CheckedRoute
 
 router = APIRouter(tags=["health"], route_class=CheckedRoute)
@@ -15,12 +15,18 @@ router = APIRouter(tags=["health"], route_class=CheckedRoute)
 CHECK_TIMEOUT = 2.0
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=errors(authenticated=False))
 async def healthz() -> JSONBody:
     return JSONBody({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={
+        **json_too(503, "a dependency is unreachable: `checks` says which"),
+        **errors(authenticated=False),
+    },
+)
 async def readyz(parts: Parts) -> JSONBody:
     checks: dict[str, str] = {}
     for name, probe in (("database", parts.database.ping), ("bus", parts.bus.ping)):

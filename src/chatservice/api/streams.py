@@ -13,10 +13,11 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Path, Query
 from sse_starlette.sse import EventSourceResponse
+from starlette.responses import Response
 
 from chatservice import events
 from chatservice.api.deps import Caller, Parts
-from chatservice.api.responses import JSONBody
+from chatservice.api.responses import JSONBody, Responses, errors, json_too
 from chatservice.api.routing import CheckedRoute
 from chatservice.api.schemas import SendMessage
 from chatservice.api.sessions import SessionId
@@ -30,6 +31,31 @@ from chatservice.values import MAX_INT
 router = APIRouter(prefix="/api/chat", tags=["streams"], route_class=CheckedRoute)
 
 MessageId = Annotated[str, Path(min_length=1, max_length=100)]
+# `response_class=Response` keeps FastAPI from documenting the stream as JSON; errors
+# before the stream starts are JSON (see `errors`).
+_SSE: Responses = {
+    200: {
+        "description": "`data: {json}` events, one frame each, until the answer ends",
+        # Before OpenAPI 3.2, an event stream's `schema` describes one event.
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "description": "one frame: stream_start, stream_chunk, "
+                            "stream_end, error, or the finished answer as a message",
+                        },
+                        "event": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 class Tap:
@@ -90,7 +116,11 @@ def _idle_timeout(parts: Components) -> float:
     return parts.settings.agent_stall_timeout + parts.settings.agent_timeout
 
 
-@router.post("/sessions/{session_id}/messages/stream")
+@router.post(
+    "/sessions/{session_id}/messages/stream",
+    response_class=Response,
+    responses={**_SSE, **errors(403, 404, 409, 429)},
+)
 async def send_and_stream(
     session_id: SessionId, body: SendMessage, caller: Caller, parts: Parts
 ) -> EventSourceResponse:
@@ -142,7 +172,9 @@ async def send_and_stream(
     return _sse(answer())
 
 
-@router.get("/streams/{message_id}")
+@router.get(
+    "/streams/{message_id}", response_class=Response, responses={**_SSE, **errors(403, 404)}
+)
 async def resume_stream(
     message_id: MessageId,
     caller: Caller,
@@ -203,7 +235,11 @@ async def _resumed(
         await tap.close()
 
 
-@router.post("/streams/{message_id}/cancel", status_code=202)
+@router.post(
+    "/streams/{message_id}/cancel",
+    status_code=202,
+    responses={**json_too(200, "the answer had ended: its final status"), **errors(403, 404)},
+)
 async def cancel_stream(message_id: MessageId, caller: Caller, parts: Parts) -> JSONBody:
     status = await parts.streams.cancel(caller, message_id)
     return JSONBody(

@@ -1285,7 +1285,7 @@ def plot(
         return [float(s[column]) if s[column] not in ("", None) else math.nan for s in run]
 
     panels: list[tuple[str, list[tuple[str, str]]]] = [
-        ("RSS (MiB)", [("rss_mib_a", "instance a"), ("rss_mib_b", "instance b")]),
+        ("RSS (MiB; axis not from 0)", [("rss_mib_a", "instance a"), ("rss_mib_b", "instance b")]),
         ("open file descriptors", [("fds_a", "instance a"), ("fds_b", "instance b")]),
         ("PostgreSQL connections (soak db)", [("pg_connections", "pg_stat_activity")]),
         ("Redis connected_clients", [("redis_clients", "INFO clients (incl. sampler)")]),
@@ -1309,7 +1309,8 @@ def plot(
         ax.axvspan(warmup / 60, (warmup + window) / 60, color="tab:green", alpha=0.08)
         ax.axvspan((duration - window) / 60, duration / 60, color="tab:red", alpha=0.08)
         ax.set_ylabel(label, fontsize=8)
-        ax.set_ylim(bottom=0)
+        if "not from 0" not in label:
+            ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left", ncol=len(lines))
     axes[-1].set_xlabel("minutes (grey: warm-up; green: first window after it; red: last window)")
@@ -1317,6 +1318,43 @@ def plot(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def flat_lines(
+    flat: dict[str, dict[str, float]], warmup: float, window: float
+) -> tuple[list[str], dict[str, bool]]:
+    """The "flat after warm-up" verdict of each resource, as report lines."""
+    lines = [
+        f"flat after warm-up (first {window:.0f} s after a {warmup:.0f} s warm-up vs the "
+        f"last {window:.0f} s; slope: least squares after warm-up):"
+    ]
+    verdicts: dict[str, bool] = {}
+    for column, label, unit, tolerance in FLAT_METRICS:
+        f = flat[column]
+        delta = f["last_mean"] - f["first_mean"]
+        ok = abs(delta) <= max(FLAT_RELATIVE * abs(f["first_mean"]), tolerance)
+        verdicts[column] = ok
+        lines.append(
+            f"  {label}: start {f['start']:.1f} -> end {f['end']:.1f} {unit} (min "
+            f"{f['min']:.1f}, max {f['max']:.1f}); first window {f['first_mean']:.1f}, last "
+            f"window {f['last_mean']:.1f} ({delta:+.1f}); slope {f['slope_per_hour']:+.2f}/h "
+            f"-> {'flat' if ok else 'NOT FLAT'}"
+        )
+    for column in ("redis_used_mib", "redis_keys"):
+        f = flat[column]
+        lines.append(
+            f"  ({column}: {f['start']:.2f} -> {f['end']:.2f}, first window "
+            f"{f['first_mean']:.2f}, last {f['last_mean']:.2f}, slope "
+            f"{f['slope_per_hour']:+.2f}/h)"
+        )
+    return lines, verdicts
+
+
+def all_flatness(
+    samples: list[dict[str, Any]], duration: float, warmup: float, window: float
+) -> dict[str, dict[str, float]]:
+    columns = [column for column, *_ in FLAT_METRICS] + ["redis_used_mib", "redis_keys"]
+    return {c: flatness(samples, c, duration, warmup, window) for c in columns}
 
 
 def delivery_report(soak: Soak) -> dict[str, Any]:
@@ -1362,10 +1400,7 @@ def report(
     c = soak.stats.count
     warmup, window = windows(args)
     delivery = delivery_report(soak)
-    flat = {
-        column: flatness(soak.samples, column, args.duration, warmup, window)
-        for column, *_ in (*FLAT_METRICS, ("redis_used_mib",), ("redis_keys",))
-    }
+    flat = all_flatness(soak.samples, args.duration, warmup, window)
     lines: list[str] = []
     sent = c["ws_sent"] + c["rest_sent"] + c["questions_sent"] + c["uploads_sent"]
     acked = c["ws_acked"] + c["rest_acked"] + c["questions_acked"] + c["uploads_ok"]
@@ -1431,29 +1466,8 @@ def report(
         lines.append(f"  e.g. {example}")
     for example in delivery["examples"]:
         lines.append(f"  missing: {example}")
-    lines.append(
-        f"flat after warm-up (first {window:.0f} s after a {warmup:.0f} s warm-up vs the "
-        f"last {window:.0f} s; slope: least squares after warm-up):"
-    )
-    verdicts: dict[str, bool] = {}
-    for column, label, unit, tolerance in FLAT_METRICS:
-        f = flat[column]
-        delta = f["last_mean"] - f["first_mean"]
-        ok = abs(delta) <= max(FLAT_RELATIVE * abs(f["first_mean"]), tolerance)
-        verdicts[column] = ok
-        lines.append(
-            f"  {label}: start {f['start']:.1f} -> end {f['end']:.1f} {unit} (min "
-            f"{f['min']:.1f}, max {f['max']:.1f}); first window {f['first_mean']:.1f}, last "
-            f"window {f['last_mean']:.1f} ({delta:+.1f}); slope {f['slope_per_hour']:+.2f}/h "
-            f"-> {'flat' if ok else 'NOT FLAT'}"
-        )
-    for column in ("redis_used_mib", "redis_keys"):
-        f = flat[column]
-        lines.append(
-            f"  ({column}: {f['start']:.2f} -> {f['end']:.2f}, first window "
-            f"{f['first_mean']:.2f}, last {f['last_mean']:.2f}, slope "
-            f"{f['slope_per_hour']:+.2f}/h)"
-        )
+    flat_text, verdicts = flat_lines(flat, warmup, window)
+    lines += flat_text
     for name, (levels, grouped) in logs.items():
         lines.append(f"server {name} log: {dict(levels) or 'no lines'}")
         for text, n in grouped.most_common(12):
@@ -1532,6 +1546,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=None, help="default OUT_DIR/soak.png")
     parser.add_argument("--summary", type=Path, default=None, help="default OUT_DIR/soak.json")
     parser.add_argument("--keep-logs", action="store_true", help="copy the server logs to OUT_DIR")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="run nothing: recompute the flatness figures and redraw --plot from a CSV of an "
+        "earlier run (give the same --duration, --warmup and --window)",
+    )
+    parser.add_argument("--title", default=None, help="the plot's title (with --replot)")
     args = parser.parse_args(argv)
     if args.chat_service is None:
         beside = Path(sys.executable).with_name("chat-service")
@@ -1572,8 +1595,26 @@ def git_commit(chat_service: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
+def replot(args: argparse.Namespace) -> int:
+    """Flatness and plot again from an earlier run's CSV (nothing is started)."""
+    with args.replot.open(newline="") as handle:
+        samples: list[dict[str, Any]] = list(csv.DictReader(handle))
+    warmup, window = windows(args)
+    lines, _ = flat_lines(all_flatness(samples, args.duration, warmup, window), warmup, window)
+    print("\n".join(lines))
+    title = args.title or (
+        f"chat-service soak: 2 instances, PostgreSQL + Redis, {args.duration / 60:.0f} min "
+        f"({args.replot.name})"
+    )
+    plot(samples, args.plot, title, warmup, window, args.duration)
+    print(f"plot: {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot is not None:
+        return replot(args)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     for path in (args.csv, args.plot, args.summary):
         path.parent.mkdir(parents=True, exist_ok=True)

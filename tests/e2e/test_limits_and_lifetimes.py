@@ -71,6 +71,7 @@ def test_oversized_headers_get_431(limited: ServerProcess, size: int) -> None:
     answer = raw_request(limited.port, head)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b"HEADERS_TOO_LARGE" in answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # one answer, nothing after it
 
 
 def test_many_headers_and_a_long_url_count_too(limited: ServerProcess) -> None:

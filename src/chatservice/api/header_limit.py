@@ -52,6 +52,12 @@ class _BoundedHead(HttpToolsProtocol):
         if self._head_bytes > self.max_head_bytes:
             self._refuse()
 
+    def send_400_response(self, msg: str) -> None:
+        # The parser error we raised to stop the request is answered by uvicorn with a 400;
+        # our 431 is already on its way and the connection closing.
+        if not self._refused:
+            super().send_400_response(msg)
+
     def _refuse(self) -> None:
         if self._refused:
             return

@@ -70,6 +70,9 @@ What it does:
    plotting imports matplotlib lazily; without it only the PNG is skipped), stops
    everything, drops the database, and prints the report. Exit status 1 if anything was
    lost, duplicated, out of order or unanswered, 2 if the run could not be carried out.
+   The exit status does not depend on the flatness verdicts: they are reported, not judged.
+   `--replot CSV` starts nothing: it recomputes the flatness lines from an earlier run's
+   CSV and redraws `--plot` (the RSS panel's axis does not start at 0, so creep shows).
 
 The load generator is one asyncio process (uvloop when available). All traffic goes to
 127.0.0.1; the servers, the redis-server and the database are cleaned up on success, on

@@ -140,6 +140,7 @@ def build_components(settings: Settings) -> Components:
             total_timeout=settings.agent_timeout,
             context_messages=settings.agent_context_messages,
             context_chars=settings.agent_context_chars,
+            lease_seconds=settings.agent_lease_seconds,
         ),
     )
     blobs = build_blob_store(settings)

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # as they stand; questions left unanswered are taken up by the periodic check.
     agent_shutdown_grace: float = Field(10, ge=0)
     agent_orphan_check_interval: float = Field(15, gt=0)
+    # One instance answers a session at a time, under a lease it renews every third of
+    # this; an instance stalled for longer stops answering and another takes over.
+    agent_lease_seconds: float = Field(15, ge=1)
     agent_context_messages: int = Field(40, ge=1)
     agent_context_chars: int = Field(12_000, ge=100)
     openai_base_url: str = "https://api.openai.com/v1"

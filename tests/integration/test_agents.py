@@ -22,10 +22,11 @@ from chatservice.agents.demo import DemoAgent, demo_answer
 from chatservice.agents.openai import OpenAIAgent
 from chatservice.agents.policy import UpstreamPolicy
 from chatservice.components import Components
-from chatservice.domain import Agent, NewSession, Principal
+from chatservice.domain import Agent, Message, NewSession, Principal, utcnow
 from chatservice.services.agents import public_settings
 from chatservice.services.errors import Forbidden, InvalidInput, NotFound
 from chatservice.services.messages import Draft
+from chatservice.store.messages import AlreadyAnswered
 from chatservice.store.tables import chat_messages
 from tests.conftest import new_user
 from tests.fakes.openai_server import FakeOpenAI, answer_text, piece, running_fake
@@ -620,3 +621,36 @@ async def test_an_answer_longer_than_agent_timeout_ends_as_error(
     assert 3 <= len(chunks) < 100
     stored = await live.messages.store.by_message_id(end["message_id"])
     assert stored is not None and stored.content == answer_text(len(chunks))
+
+
+async def test_a_question_is_stored_as_answered_once(parts: Components) -> None:
+    """The database keeps one answer per question, whichever instance stores first: a
+    second answer to the same question (from an instance that lost its lease) is refused."""
+    owner = Principal(new_user())
+    detail, _ = await parts.sessions.create(owner, NewSession(kind="agent", agent_id=1))
+    session = detail.session
+
+    def message(sender_type: str, message_type: str, metadata: JSON | None = None) -> Message:
+        return Message(
+            message_id=f"msg_{new_user()}",
+            session_id=session.session_id,
+            seq=0,
+            sender_type=sender_type,
+            sender_id=owner.user_id,
+            message_type=message_type,
+            content="words",
+            metadata=metadata,
+            created_at=utcnow(),
+        )
+
+    # Stored directly, so no worker of this instance starts answering it meanwhile.
+    question, _ = await parts.messages.store.append(message("user", "text"))
+
+    def answer() -> Message:
+        return message("agent", "stream", {"reply_to": question.message_id})
+
+    first, created = await parts.messages.store.append(answer(), answers_seq=question.seq)
+    assert created and first.seq == question.seq + 1
+    with pytest.raises(AlreadyAnswered):
+        await parts.messages.store.append(answer(), answers_seq=question.seq)
+    assert await parts.messages.store.last_seq(session.session_id) == first.seq

@@ -52,6 +52,15 @@ class _BoundedHead(HttpToolsProtocol):
         if self._head_bytes > self.max_head_bytes:
             self._refuse()
 
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        # The socket now belongs to the WebSocket protocol and this object is done. Its
+        # parser holds callbacks bound to it (a reference cycle uvicorn breaks only in
+        # `connection_lost`, which now goes to the WebSocket protocol): without this, each
+        # WebSocket leaves its handshake's protocol, transport and buffers for the cyclic
+        # collector, which in a long-running process runs too rarely for that much memory.
+        self.parser = None  # type: ignore[assignment]
+
     def send_400_response(self, msg: str) -> None:
         # The parser error we raised to stop the request is answered by uvicorn with a 400;
         # our 431 is already on its way and the connection closing.

@@ -45,18 +45,20 @@ from chatservice.domain import (
     utcnow,
 )
 from chatservice.services.errors import InvalidInput, NotFound
+from chatservice.services.leases import HeldLease
 from chatservice.services.messages import MessageService
 from chatservice.services.sessions import SessionService
 from chatservice.store.agents import AgentStore
-from chatservice.store.messages import MessageStore, SessionNotWritable
+from chatservice.store.messages import AlreadyAnswered, MessageStore, SessionNotWritable
 
 log = logging.getLogger(__name__)
 
 CANCEL_CHANNEL = "chat:stream:cancel"
-LEASE_SECONDS = 15.0
 # After the shutdown grace, interrupted answers get this long to be stored and announced.
 STORE_SECONDS = 5.0
 INTERRUPTED = "interrupted: the server shut down before the answer was complete"
+LEASE_LOST = "interrupted: this instance lost the session's agent lease"
+SUPERSEDED = "superseded: the question was answered by another instance"
 
 
 @dataclass(slots=True)
@@ -64,6 +66,8 @@ class StreamLimits:
     total_timeout: float
     context_messages: int
     context_chars: int
+    # How long a session's agent lease lasts without renewal (renewed every third).
+    lease_seconds: float = 15.0
 
 
 @dataclass(slots=True)
@@ -100,6 +104,8 @@ class StreamService:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()  # sessions with news while their worker runs
         self._running: dict[str, asyncio.Event] = {}  # message id -> its cancel switch
+        self._answering: dict[str, str] = {}  # session id -> the answer running in it
+        self._lost: set[str] = set()  # answers cut short because their lease was lost
         self._closing = False  # no new answers start: the instance is shutting down
         self._interrupting = False  # answers still running are being cut short
 
@@ -147,7 +153,7 @@ class StreamService:
                 woken += int(await self._orphaned(session_id, active))
                 continue
             lease = f"agent:{session_id}"
-            if not await self.locks.acquire(lease, LEASE_SECONDS):
+            if not await self.locks.acquire(lease, self.limits.lease_seconds):
                 continue  # a live instance is answering it
             await self.locks.release(lease)
             self.wake(session_id)
@@ -179,14 +185,28 @@ class StreamService:
         try:
             while True:
                 self._again.discard(session_id)
-                if await self.locks.acquire(lease, LEASE_SECONDS):
+                if await self.locks.acquire(lease, self.limits.lease_seconds):
+                    # Renewed for the worker's whole tenure, between answers too.
+                    held = HeldLease(
+                        self.locks,
+                        lease,
+                        self.limits.lease_seconds,
+                        lambda: self._lease_lost(session_id),
+                    )
+                    held.keep()
                     try:
-                        while not self._closing and (
-                            pending := await self.store.next_unanswered(session_id)
+                        while (
+                            not self._closing
+                            and not held.lost
+                            and (pending := await self.store.next_unanswered(session_id))
                         ):
-                            await self._answer(session_id, pending, lease)
+                            await self._answer(session_id, pending)
                     finally:
-                        await self.locks.release(lease)
+                        await held.stop()
+                        if not held.lost:
+                            await self.locks.release(lease)
+                    if held.lost:
+                        return
                     if session_id not in self._again:
                         return
                 else:
@@ -205,7 +225,15 @@ class StreamService:
 
     # -- one answer ------------------------------------------------------------------------
 
-    async def _answer(self, session_id: str, question: Message, lease: str) -> None:
+    def _lease_lost(self, session_id: str) -> None:
+        """Another instance may be answering this session now: stop ours where it is."""
+        message_id = self._answering.get(session_id)
+        cancel = self._running.get(message_id) if message_id else None
+        if message_id is not None and cancel is not None:
+            self._lost.add(message_id)
+            cancel.set()
+
+    async def _answer(self, session_id: str, question: Message) -> None:
         current = await self.sessions.store.get(session_id)
         if current is None:
             return
@@ -216,16 +244,16 @@ class StreamService:
             await self._store(current, agent, new_id("msg"), outcome, question, 0, 0)
             return
         message_id = new_id("msg")
-        started = time.monotonic()
         # The cancel switch exists before anyone can learn the answer's id.
         cancel = asyncio.Event()
         self._running[message_id] = cancel
+        self._answering[session_id] = message_id
         try:
-            await self._stream_answer(
-                session_id, current, agent, question, message_id, cancel, lease, started
-            )
+            await self._stream_answer(session_id, current, agent, question, message_id, cancel)
         finally:
             self._running.pop(message_id, None)
+            self._answering.pop(session_id, None)
+            self._lost.discard(message_id)
 
     async def _stream_answer(
         self,
@@ -235,9 +263,8 @@ class StreamService:
         question: Message,
         message_id: str,
         cancel: asyncio.Event,
-        lease: str,
-        started: float,
     ) -> None:
+        started = time.monotonic()
         await self.buffer.open(
             message_id, session_id, {"sender_id": str(agent.id), "reply_to": question.message_id}
         )
@@ -251,13 +278,9 @@ class StreamService:
         request = AgentRequest(
             agent=agent, settings=agent.settings, turns=await self._context(agent, question)
         )
-        renewing = asyncio.create_task(self._keep_lease(lease))
-        try:
-            await self._generate(
-                session_id, message_id, self.backends[agent.backend], request, outcome, cancel
-            )
-        finally:
-            renewing.cancel()
+        await self._generate(
+            session_id, message_id, self.backends[agent.backend], request, outcome, cancel
+        )
         latency_ms = int((time.monotonic() - started) * 1000)
         chunks = len(outcome.text)
         seq = await self._store(current, agent, message_id, outcome, question, latency_ms, chunks)
@@ -303,7 +326,7 @@ class StreamService:
         try:
             while True:
                 if cancel.is_set():  # a fast backend may never leave the wait below pending
-                    self._cut_short(outcome)
+                    self._cut_short(message_id, outcome)
                     return
                 upcoming = asyncio.ensure_future(anext(produced))
                 remaining = deadline - asyncio.get_running_loop().time()
@@ -317,7 +340,7 @@ class StreamService:
                     with contextlib.suppress(BaseException):
                         await upcoming
                     if cancel.is_set():
-                        self._cut_short(outcome)
+                        self._cut_short(message_id, outcome)
                     else:
                         outcome.status = "error"
                         outcome.error = f"the agent took longer than {self.limits.total_timeout}s"
@@ -346,8 +369,10 @@ class StreamService:
             with contextlib.suppress(BaseException):
                 await produced.aclose()  # type: ignore[attr-defined]
 
-    def _cut_short(self, outcome: _Outcome) -> None:
-        if self._interrupting:
+    def _cut_short(self, message_id: str, outcome: _Outcome) -> None:
+        if message_id in self._lost:
+            outcome.status, outcome.error = "error", LEASE_LOST
+        elif self._interrupting:
             outcome.status, outcome.error = "error", INTERRUPTED
         else:
             outcome.status = "cancelled"
@@ -386,6 +411,15 @@ class StreamService:
         )
         try:
             stored, _ = await self.store.append(answer, answers_seq=question.seq)
+        except AlreadyAnswered:
+            # Only after a lost lease: the other instance's answer is the one kept.
+            log.warning(
+                "%s was answered by another instance; %s is dropped",
+                question.message_id,
+                message_id,
+            )
+            outcome.status, outcome.error = "error", SUPERSEDED
+            return None
         except SessionNotWritable:
             log.info(
                 "session %s ended during an answer; the answer is not stored", session.session_id
@@ -398,12 +432,6 @@ class StreamService:
             question.session_id, question.seq, self.limits.context_messages
         )
         return build_context(agent, history, self.limits.context_chars)
-
-    async def _keep_lease(self, lease: str) -> None:
-        while True:
-            await asyncio.sleep(LEASE_SECONDS / 3)
-            with contextlib.suppress(Exception):
-                await self.locks.renew(lease, LEASE_SECONDS)
 
     async def _publish(self, session_id: str, event: JSON) -> None:
         await self.bus.publish(events.session_channel(session_id), events.encode(event))
@@ -474,7 +502,9 @@ class StreamService:
         They are ended as errors (so viewers stop waiting) and the worker is woken to
         answer the question again."""
         lease = f"agent:{session_id}"
-        if session_id in self._workers or not await self.locks.acquire(lease, LEASE_SECONDS):
+        if session_id in self._workers or not await self.locks.acquire(
+            lease, self.limits.lease_seconds
+        ):
             return False
         await self.locks.release(lease)
         for message_id in message_ids:

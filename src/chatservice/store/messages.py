@@ -30,6 +30,10 @@ class SessionNotWritable(Exception):
     """The session was ended or deleted before the message could be stored."""
 
 
+class AlreadyAnswered(Exception):
+    """The question was answered already (by an instance that held the agent lease)."""
+
+
 class FileNotAttachable(Exception):
     """The file is unknown, deleted, of another session or already on a message."""
 
@@ -58,15 +62,16 @@ MAX_GROUP = 128
 
 
 async def _take_seqs(
-    conn: AsyncConnection, session_id: str, count: int, now: Any, **values: Any
+    conn: AsyncConnection, session_id: str, count: int, now: Any, *guards: Any, **values: Any
 ) -> Any:
     """Move a writable session's `last_seq` on by `count` under its row lock; returns the
-    row (`last_seq`, `updated_at`), or None when the session is not writable."""
+    row (`last_seq`, `updated_at`), or None when the session is not writable or a guard
+    does not hold."""
     s = chat_sessions
     return (
         await conn.execute(
             update(s)
-            .where(s.c.session_id == session_id, s.c.status.in_(WRITABLE_STATUSES))
+            .where(s.c.session_id == session_id, s.c.status.in_(WRITABLE_STATUSES), *guards)
             .values(
                 last_seq=s.c.last_seq + count,
                 updated_at=now,
@@ -77,6 +82,14 @@ async def _take_seqs(
             .returning(s.c.last_seq, s.c.updated_at)
         )
     ).first()
+
+
+async def _is_writable(conn: AsyncConnection, session_id: str) -> bool:
+    s = chat_sessions
+    status = (
+        await conn.execute(select(s.c.status).where(s.c.session_id == session_id))
+    ).scalar_one_or_none()
+    return status in WRITABLE_STATUSES
 
 
 def _row(message: Message) -> dict[str, Any]:
@@ -207,14 +220,21 @@ class MessageStore:
                 # PostgreSQL the database clock is read after the lock wait; SQLite's
                 # writers are already serialised by the in-process write lock.
                 now: Any = utcnow() if self.db.is_sqlite else func.clock_timestamp()
+                s = chat_sessions
+                answering = answers_seq is not None
                 row = await _take_seqs(
                     conn,
                     message.session_id,
                     1,
                     now,
-                    **({} if answers_seq is None else {"agent_answered_seq": answers_seq}),
+                    # One stored answer per question, whoever holds the agent lease: an
+                    # instance that lost it during a stall finds the question answered.
+                    *([s.c.agent_answered_seq < answers_seq] if answering else []),
+                    **({"agent_answered_seq": answers_seq} if answering else {}),
                 )
                 if row is None:
+                    if answering and await _is_writable(conn, message.session_id):
+                        raise AlreadyAnswered(message.session_id)
                     raise SessionNotWritable(message.session_id)
                 message.seq = row.last_seq
                 message.created_at = as_utc(row.updated_at)

@@ -22,7 +22,7 @@ from chatservice.agents.openai import OpenAIAgent
 from chatservice.agents.policy import UpstreamPolicy
 from chatservice.api import agents as agents_api
 from chatservice.api import archives as archives_api
-from chatservice.api import errors, health, messages, sessions, ws
+from chatservice.api import errors, health, messages, sessions, ws, ws_mux
 from chatservice.api import files as files_api
 from chatservice.api import streams as streams_api
 from chatservice.api.limits import BodyLimitMiddleware, RouteLimit
@@ -43,7 +43,8 @@ from chatservice.bus.streams import MemoryLocks, MemoryStreamBuffer
 from chatservice.components import Components
 from chatservice.config import Settings
 from chatservice.domain import utcnow
-from chatservice.realtime.connection import CLOSE_SERVICE_RESTART
+from chatservice.publisher import Publisher
+from chatservice.realtime.codec import CloseReason
 from chatservice.realtime.hub import Hub
 from chatservice.services.agents import AgentService
 from chatservice.services.archives import ArchiveService, ArchiveSettings
@@ -57,6 +58,7 @@ from chatservice.store.agents import AgentStore
 from chatservice.store.archives import ArchiveStore
 from chatservice.store.database import Database
 from chatservice.store.files import FileStore
+from chatservice.store.history import MessageHistory
 from chatservice.store.messages import MessageStore
 from chatservice.store.sessions import SessionStore
 
@@ -101,12 +103,13 @@ def build_components(settings: Settings) -> Components:
         locks = MemoryLocks()
         if settings.rate_limit_enabled:
             limiter = MemoryRateLimiter(settings.rate_limit_messages_per_minute)
-    session_service = SessionService(SessionStore(database), bus, presence)
+    publisher = Publisher(bus)
+    session_service = SessionService(SessionStore(database), publisher, presence)
     message_store = MessageStore(database)
     message_service = MessageService(
         session_service,
         message_store,
-        bus,
+        publisher,
         max_content_bytes=settings.ws_message_size_limit,
         rate_limiter=limiter,
     )
@@ -136,6 +139,7 @@ def build_components(settings: Settings) -> Components:
         buffer=buffer,
         locks=locks,
         bus=bus,
+        publisher=publisher,
         limits=StreamLimits(
             total_timeout=settings.agent_timeout,
             context_messages=settings.agent_context_messages,
@@ -178,6 +182,7 @@ def build_components(settings: Settings) -> Components:
     message_service.delete_listeners.append(archive_service.on_message_deleted)
     session_service.end_listeners.append(archive_service.on_ended)
     session_service.delete_listeners.append(archive_service.on_deleted)
+    history = MessageHistory(message_store)
     scheduler = Scheduler(
         locks, maintenance_jobs(settings, archive_service, file_service, stream_service)
     )
@@ -189,13 +194,15 @@ def build_components(settings: Settings) -> Components:
         tokens=TokenCodec(settings.resolve_jwt_secret(), settings.jwt_algorithm),
         sessions=session_service,
         messages=message_service,
-        typing=TypingService(bus),
+        typing=TypingService(publisher),
         agents=AgentService(agent_store, upstreams),
         streams=stream_service,
+        history=history,
         hub=Hub(
             bus,
-            message_service,
+            history,
             presence,
+            publisher,
             heartbeat_interval=min(
                 settings.ws_heartbeat_interval, settings.ws_connection_timeout / 4
             ),
@@ -257,7 +264,7 @@ async def stop_components(parts: Components) -> None:
     await parts.scheduler.stop()
     await parts.typing.close()
     await parts.streams.stop()
-    await parts.hub.close_all(CLOSE_SERVICE_RESTART, "server shutting down")
+    await parts.hub.close_all(CloseReason.SERVICE_RESTART, "server shutting down")
     await parts.hub.stop()
     await parts.bus.close()
     if parts.redis is not None:
@@ -324,6 +331,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         files_api,
         archives_api,
         ws,
+        ws_mux,
     ):
         app.include_router(module.router)
     return app

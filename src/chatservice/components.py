@@ -20,6 +20,7 @@ from chatservice.services.sessions import SessionService
 from chatservice.services.streams import StreamService
 from chatservice.services.typing import TypingService
 from chatservice.store.database import Database
+from chatservice.store.history import MessageHistory
 
 
 @dataclass(slots=True)
@@ -34,6 +35,7 @@ class Components:
     typing: TypingService
     agents: AgentService
     streams: StreamService
+    history: MessageHistory
     hub: Hub
     blobs: BlobStore
     files: FileService

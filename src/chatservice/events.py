@@ -1,8 +1,8 @@
-"""Events as they travel on the bus: the native WebSocket frames, encoded once.
+"""The events clients receive, in the native protocol's JSON, and the bus channels.
 
-A service builds an event, encodes it here once, and publishes the bytes; every hub
-forwards those same bytes to its connections, so a frame is never re-encoded per
-connection. Other protocols' codecs translate from these events.
+A service builds an event here and hands it to the `Publisher`, which wraps it in its
+envelope (`envelope.py`) and encodes it once; every hub forwards the same bytes to its
+native connections, and other protocols' codecs translate from the same event.
 """
 
 from __future__ import annotations
@@ -10,14 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-import orjson
-
 from chatservice.domain import JSON, Message, isoformat
-
-# Event types that carry a persisted message's `seq` and are delivered in seq order.
-SEQUENCED_TYPES = frozenset({"message", "stream_end"})
-# Frames of an agent answer in progress; `message_id` names the stream.
-STREAM_TYPES = frozenset({"stream_start", "stream_chunk", "stream_end"})
 
 
 def session_channel(session_id: str) -> str:
@@ -32,20 +25,13 @@ def presence_channel(session_id: str) -> str:
     return f"chat:presence:{session_id}"
 
 
+def user_channel(user_id: str) -> str:
+    return f"chat:user:{user_id}"
+
+
 def session_channels(session_id: str) -> tuple[str, str, str]:
     """Everything a connection to a session listens to."""
     return session_channel(session_id), typing_channel(session_id), presence_channel(session_id)
-
-
-def encode(event: JSON) -> bytes:
-    return orjson.dumps(event)
-
-
-def decode(data: bytes | str) -> JSON:
-    value = orjson.loads(data)
-    if not isinstance(value, dict):
-        raise ValueError("an event is a JSON object")
-    return value
 
 
 def message_payload(message: Message) -> JSON:
@@ -110,6 +96,30 @@ def system_event(
     }
 
 
+def session_change_event(
+    session_id: str, change: str, by: str | None, timestamp: str | None
+) -> JSON:
+    """For a user's own channel: a session of theirs was created, they were added to or
+    removed from one, or it ended or was deleted."""
+    return {
+        "type": "session_changed",
+        "session_id": session_id,
+        "change": change,
+        "by": by,
+        "timestamp": timestamp,
+    }
+
+
+def unread_event(session_id: str, last_read_seq: int, unread_count: int) -> JSON:
+    """For a user's own channel: their read position in a session moved (on any device)."""
+    return {
+        "type": "unread",
+        "session_id": session_id,
+        "last_read_seq": last_read_seq,
+        "unread_count": unread_count,
+    }
+
+
 def receipt_event(session_id: str, user_id: str, seq: int, status: str = "read") -> JSON:
     return {
         "type": "receipt",
@@ -163,7 +173,3 @@ def stream_end_event(
         "status": status,
         "chunks": chunks,
     }
-
-
-def error_frame(code: str, message: str, **extra: Any) -> bytes:
-    return orjson.dumps({"type": "error", "code": code, "message": message, **extra})

@@ -503,3 +503,36 @@ async def test_sdk_close_is_prompt_with_unread_frames(small_users: Users) -> Non
             f"RealtimeConnection.close() still waiting after {time.monotonic() - started:.1f}s "
             "with 40 unread frames"
         ) from None
+
+
+async def test_frames_sent_back_to_back_are_stored_in_the_order_sent(
+    server: ServerProcess, users: Users
+) -> None:
+    """The reader goes on reading while earlier messages commit; their seqs still follow
+    the order the client sent them, a bad frame in the middle fails alone, and a frame
+    that is not a message waits for the messages before it."""
+    (alice,), sid = await _group(users, "burst")
+    async with await ws_connect(server, sid, alice.token, max_queue=4096) as ws:
+        await recv_until(ws, "connected")
+        count = 200
+        for i in range(count):
+            frame = {"type": "message", "content": f"m{i}", "client_msg_id": f"c{i}"}
+            if i == 100:
+                frame["content"] = "   "  # refused, alone
+            await ws.send(json.dumps(frame))
+        await ws.send(json.dumps({"type": "read", "seq": count - 1}))
+        echoes: list[JSON] = []
+        refused: list[JSON] = []
+        read_ok = False
+        while len(echoes) < count - 1 or not refused or not read_ok:
+            frame = await recv_json(ws, timeout=20)
+            if frame["type"] == "message":
+                echoes.append(frame)
+            elif frame["type"] == "error":
+                refused.append(frame)
+            elif frame["type"] == "receipt" and frame["user_id"] == alice.id:
+                assert frame["seq"] == count - 1  # the read waited for every message
+                read_ok = True
+        assert [e["seq"] for e in echoes] == list(range(1, count))
+        assert [e["client_msg_id"] for e in echoes] == [f"c{i}" for i in range(count) if i != 100]
+        assert [(r["code"], r.get("client_msg_id")) for r in refused] == [("EMPTY_CONTENT", "c100")]

@@ -12,7 +12,9 @@ import orjson
 from chatservice import events
 from chatservice.components import Components
 from chatservice.domain import Message, NewSession, Principal, new_id, utcnow
-from chatservice.realtime.connection import Connection
+from chatservice.envelope import Envelope
+from chatservice.realtime.connection import Connection, Subscription
+from chatservice.realtime.hub import Hub
 from chatservice.services.messages import Draft
 from tests.conftest import new_user
 
@@ -67,7 +69,8 @@ async def store_silently(parts: Components, session_id: str, sender: str, conten
 
 
 def event_bytes(message: Message) -> bytes:
-    return events.encode(events.message_event(message))
+    """A message's event as the publisher puts it on the bus."""
+    return Envelope.of(events.message_event(message)).encode()
 
 
 class BusTap:
@@ -77,7 +80,7 @@ class BusTap:
         self.events: list[dict[str, Any]] = []
 
     def __call__(self, _channel: str, data: bytes) -> None:
-        self.events.append(orjson.loads(data))
+        self.events.append(Envelope.decode(data).event)
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("type") == kind]
@@ -113,14 +116,24 @@ class FakeSocket:
         return [f["user_id"] for f in self.of_type("system") if f.get("event") == name]
 
 
-def new_connection(
-    session_id: str, user_id: str, socket: FakeSocket, queue_size: int = 1024
-) -> Connection:
-    conn = Connection(
-        new_id("conn"), session_id, user_id, socket.send_text, socket.close, queue_size
-    )
+def new_connection(user_id: str, socket: FakeSocket, queue_size: int = 1024) -> Connection:
+    conn = Connection(new_id("conn"), user_id, socket.send_text, socket.close, queue_size)
     conn.start()
     return conn
+
+
+async def attach(
+    hub: Hub, session_id: str, user_id: str, socket: FakeSocket, queue_size: int = 1024
+) -> Subscription:
+    """A single-session connection on `hub`, as `/ws/{session_id}` makes one (not live)."""
+    conn = new_connection(user_id, socket, queue_size)
+    await hub.connect(conn)
+    return await hub.subscribe(conn, session_id)
+
+
+async def detach(hub: Hub, sub: Subscription) -> None:
+    await hub.disconnect(sub.conn)
+    await sub.conn.stop()
 
 
 async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

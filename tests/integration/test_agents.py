@@ -23,6 +23,7 @@ from chatservice.agents.openai import OpenAIAgent
 from chatservice.agents.policy import UpstreamPolicy
 from chatservice.components import Components
 from chatservice.domain import Agent, Message, NewSession, Principal, utcnow
+from chatservice.envelope import STREAM_TYPES, Envelope
 from chatservice.services.agents import public_settings
 from chatservice.services.errors import Forbidden, InvalidInput, NotFound
 from chatservice.services.messages import Draft
@@ -310,9 +311,7 @@ async def test_a_second_question_waits_for_the_first_answer(live: Components) ->
     await ends(tap, 2, timeout=20)
     second_stream = await started(tap, second)
 
-    stream_frames = [
-        (e["type"], e["message_id"]) for e in tap.events if e["type"] in events.STREAM_TYPES
-    ]
+    stream_frames = [(e["type"], e["message_id"]) for e in tap.events if e["type"] in STREAM_TYPES]
     firsts = [i for i, (_, mid) in enumerate(stream_frames) if mid == first_stream]
     seconds = [i for i, (_, mid) in enumerate(stream_frames) if mid == second_stream]
     assert len(firsts) + len(seconds) == len(stream_frames)
@@ -586,7 +585,7 @@ async def test_a_cancel_right_after_stream_start_is_not_lost(
     replies: list[asyncio.Future[str]] = []
 
     def cancel_at_start(_channel: str, data: bytes) -> None:
-        event = events.decode(data)
+        event = Envelope.decode(data).event
         if event.get("type") == "stream_start":
             replies.append(asyncio.ensure_future(live.streams.cancel(owner, event["message_id"])))
 

@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 from redis.exceptions import RedisError
 
+from chatservice import events
 from chatservice.bus.base import Bus
+from chatservice.envelope import BadEnvelope, Envelope
+from chatservice.publisher import Publisher
 from tests.conftest import start_redis
 from tests.integration.bus_fixtures import (
     MEMBERS,
@@ -387,3 +390,57 @@ async def test_redis_instances_talk_again_after_a_restart(
         await inbox.wait_for(b"across, after the restart")
     finally:
         redis.stop()
+
+
+# -- envelopes ------------------------------------------------------------------------------
+
+
+async def test_envelopes_travel_to_their_audiences_channel_unchanged(world: BusWorld) -> None:
+    """What the publisher sends is what every hub decodes: the header fields, and the
+    payload bytes untouched (the native codec forwards them as they are)."""
+    sending, receiving = await world.instance(), await world.instance()
+    session, user = unique("s"), unique("u")
+    inbox = Inbox("envelopes")
+    await receiving.subscribe(
+        [
+            events.session_channel(session),
+            events.typing_channel(session),
+            events.user_channel(user),
+        ],
+        inbox,
+    )
+    publisher = Publisher(sending)
+    chunk = await publisher.publish(events.stream_chunk_event(session, "msg_1", "hel", 3))
+    typing = await publisher.publish(events.typing_event(session, "alice", True))
+    notice = await publisher.publish(events.unread_event(session, 7, 0), to_user=user)
+    await inbox.wait_count(3)
+    got = {channel: Envelope.decode(data) for channel, data in inbox.got}
+    arrived = got[events.session_channel(session)]
+    assert (arrived.kind, arrived.session_id, arrived.stream_id, arrived.chunk) == (
+        "stream_chunk",
+        session,
+        "msg_1",
+        3,
+    )
+    assert arrived.payload == chunk.payload
+    assert arrived.event == events.stream_chunk_event(session, "msg_1", "hel", 3)
+    assert got[events.typing_channel(session)].actor == "alice"
+    assert got[events.typing_channel(session)].payload == typing.payload
+    mine = got[events.user_channel(user)]
+    assert (mine.user_id, mine.kind, mine.payload) == (user, "unread", notice.payload)
+
+
+def test_an_envelope_survives_encoding_and_bad_bytes_are_refused() -> None:
+    message = {"type": "message", "session_id": "s1", "seq": 42, "content": "line\nbreak"}
+    envelope = Envelope.of(message, trace="t-1")
+    decoded = Envelope.decode(envelope.encode())
+    assert (decoded.kind, decoded.session_id, decoded.seq, decoded.trace) == (
+        "message",
+        "s1",
+        42,
+        "t-1",
+    )
+    assert decoded.event == message
+    for bad in (b"", b"no header", b"[1]\n{}", b'{"x":1}\n{}', b"\xff\n{}"):
+        with pytest.raises(BadEnvelope):
+            Envelope.decode(bad)

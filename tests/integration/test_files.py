@@ -350,7 +350,7 @@ async def test_attach_an_earlier_upload(parts: Components) -> None:
         await parts.files.attach(alice, session, record.file_id, "again")
     assert_error(twice, Conflict, "FILE_NOT_ATTACHABLE")
     assert [m.seq for m in await history(parts, alice, sid)] == [1, 2]
-    assert await parts.messages.last_seq(sid) == 2  # the refused send gave its seq back
+    assert await parts.history.last_seq(sid) == 2  # the refused send gave its seq back
 
 
 async def test_only_the_uploader_attaches_and_only_in_its_session(parts: Components) -> None:
@@ -548,7 +548,7 @@ async def test_delete_publishes_message_deleted_and_leaves_history(parts: Compon
         m.seq
         for m in (await parts.messages.page(bob, sid, before="3", after=None, limit=1)).messages
     ] == [1]
-    assert [seq for seq, _ in await parts.messages.frames_after(sid, 0, 10)] == [1, 3]
+    assert [e.seq for e in await parts.history.after(sid, 0, 10)] == [1, 3]
     # Gone for good: neither edited nor deleted again.
     with pytest.raises(NotFound):
         await parts.messages.delete(alice, two.message_id)
@@ -592,7 +592,7 @@ async def test_retried_upload_returns_the_original(parts: Components) -> None:
     assert await blob_keys(parts, sid) == [first.storage_key, first.thumbnail_key]
     assert await file_rows(parts, sid) == [first.file_id]
     assert [m.message_id for m in await history(parts, bob, sid)] == [original.message_id]
-    assert await parts.messages.last_seq(sid) == 1
+    assert await parts.history.last_seq(sid) == 1
 
 
 async def test_purge_removes_only_unattached_uploads(parts: Components) -> None:

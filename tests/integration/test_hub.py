@@ -15,27 +15,30 @@ import pytest
 from chatservice import events
 from chatservice.components import Components
 from chatservice.domain import Principal
-from chatservice.realtime.connection import CLOSE_SLOW_CONSUMER, Connection
+from chatservice.realtime.codec import NATIVE, CloseReason
+from chatservice.realtime.connection import Subscription
 from chatservice.services.messages import Draft
 from tests.integration.helpers import (
     FakeSocket,
+    attach,
+    detach,
     event_bytes,
     eventually,
     group,
-    new_connection,
     send,
     settle,
     store_silently,
     users,
 )
 
-Connect = Callable[..., Awaitable[tuple[Connection, FakeSocket]]]
+CLOSE_SLOW_CONSUMER = NATIVE.close_code(CloseReason.SLOW_CONSUMER)
+Connect = Callable[..., Awaitable[tuple[Subscription, FakeSocket]]]
 
 
 @pytest.fixture
 async def connect(parts: Components) -> AsyncIterator[Connect]:
     """Attach in-process clients to the hub; all are detached and stopped afterwards."""
-    opened: list[Connection] = []
+    opened: list[Subscription] = []
 
     async def _connect(
         session_id: str,
@@ -44,40 +47,37 @@ async def connect(parts: Components) -> AsyncIterator[Connect]:
         socket: FakeSocket | None = None,
         queue_size: int = 1024,
         live: bool = True,
-    ) -> tuple[Connection, FakeSocket]:
+    ) -> tuple[Subscription, FakeSocket]:
         socket = socket or FakeSocket()
-        conn = new_connection(session_id, who.user_id, socket, queue_size)
-        opened.append(conn)
-        await parts.hub.attach(conn)
+        sub = await attach(parts.hub, session_id, who.user_id, socket, queue_size)
+        opened.append(sub)
         if live:
-            await conn.go_live()
-        return conn, socket
+            await sub.go_live()
+        return sub, socket
 
     yield _connect
-    for conn in opened:
-        await parts.hub.detach(conn)
-        await conn.stop()
+    for sub in opened:
+        await detach(parts.hub, sub)
 
 
-async def disconnect(parts: Components, conn: Connection) -> None:
-    await parts.hub.detach(conn)
-    await conn.stop()
+async def disconnect(parts: Components, sub: Subscription) -> None:
+    await detach(parts.hub, sub)
 
 
 async def replay(
     parts: Components,
-    conn: Connection,
+    conn: Subscription,
     since_seq: int,
     page: int = 500,
     between_pages: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """What the WebSocket endpoint does for `since_seq` before `go_live`."""
-    conn.last_seq = min(since_seq, await parts.messages.last_seq(conn.session_id))
+    conn.last_seq = min(since_seq, await parts.history.last_seq(conn.session_id))
     while True:
-        frames = await parts.messages.frames_after(conn.session_id, conn.last_seq, page)
-        for seq, text in frames:
-            await conn.replay(seq, text)
-        if len(frames) < page or conn.closed:
+        found = await parts.history.after(conn.session_id, conn.last_seq, page)
+        for envelope in found:
+            await conn.replay(envelope)
+        if len(found) < page or conn.conn.closed:
             return
         if between_pages is not None:
             await between_pages()
@@ -226,7 +226,7 @@ async def test_connections_attaching_together_to_a_new_room_each_get_every_messa
     attached = await asyncio.gather(*(connect(sid, who) for who in members))
     sockets = [socket for _, socket in attached]
     room = parts.hub.room(sid)
-    assert room is not None and len(room.connections) == len(members)
+    assert room is not None and len(room.subscriptions) == len(members)
     for i in range(10):
         await send(parts, members[i % 8], sid, f"m{i}")
     for socket in sockets:
@@ -380,7 +380,7 @@ async def test_a_client_that_stops_reading_is_closed_without_holding_back_others
     await eventually(lambda: stuck.closed is not None, "the stuck client is closed")
     assert stuck.closed is not None
     assert stuck.closed[0] == CLOSE_SLOW_CONSUMER == 4008
-    assert stuck_conn.closed is True
+    assert stuck_conn.conn.closed is True
     assert stuck.frames == []
     assert healthy.seqs() == list(range(1, 13))
     assert healthy.closed is None
@@ -397,7 +397,7 @@ async def test_a_client_that_never_goes_live_is_closed_once_its_backlog_overflow
         await send(parts, alice, sid, f"m{i}")
     await eventually(lambda: stuck.closed is not None, "the backlog overflows")
     assert stuck.closed is not None and stuck.closed[0] == CLOSE_SLOW_CONSUMER
-    assert stuck_conn.closed is True
+    assert stuck_conn.conn.closed is True
     await eventually(lambda: len(healthy.seqs()) == 6, "the other client")
     assert healthy.seqs() == list(range(1, 7))
 
@@ -449,9 +449,9 @@ async def test_replay_then_live_has_no_gap_and_no_duplicate_under_concurrent_sen
     sending = asyncio.gather(*(send_one(i) for i in range(sum(waves))))
     await reached(5)
     conn, socket = await connect(sid, members[1], live=False)
-    at_start = await parts.messages.last_seq(sid)
+    at_start = await parts.history.last_seq(sid)
     await replay(parts, conn, since_seq=10, page=10, between_pages=second_wave_lands)
-    at_live = await parts.messages.last_seq(sid)
+    at_live = await parts.history.last_seq(sid)
     await conn.go_live()
     live.set()
     await sending

@@ -10,18 +10,23 @@ import pytest
 from chatservice import events
 from chatservice.components import Components
 from chatservice.domain import NewSession
-from chatservice.realtime.connection import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, Connection
+from chatservice.realtime.codec import NATIVE, CloseReason
+from chatservice.realtime.connection import Subscription
 from chatservice.services.errors import Conflict, Forbidden, InvalidInput, NotFound
 from chatservice.services.messages import Draft
 from tests.integration.helpers import (
     BusTap,
     FakeSocket,
+    attach,
+    detach,
     eventually,
     group,
-    new_connection,
     send,
     users,
 )
+
+CLOSE_FORBIDDEN = NATIVE.close_code(CloseReason.FORBIDDEN)
+CLOSE_NOT_FOUND = NATIVE.close_code(CloseReason.NOT_FOUND)
 
 
 async def member_ids(parts: Components, who: object, sid: str) -> set[str]:
@@ -173,25 +178,23 @@ async def test_concurrent_adds_of_the_same_user_add_them_once(parts: Components)
 
 
 @pytest.fixture
-async def attached(parts: Components) -> AsyncIterator[list[Connection]]:
-    opened: list[Connection] = []
+async def attached(parts: Components) -> AsyncIterator[list[Subscription]]:
+    opened: list[Subscription] = []
     yield opened
     for conn in opened:
-        await parts.hub.detach(conn)
-        await conn.stop()
+        await detach(parts.hub, conn)
 
 
 async def test_removal_closes_the_members_connections_after_telling_them(
-    parts: Components, attached: list[Connection]
+    parts: Components, attached: list[Subscription]
 ) -> None:
     alice, bob = users(2)
     sid = await group(parts, alice, bob)
     sockets: dict[str, FakeSocket] = {}
     for who in (alice, bob):
         socket = FakeSocket()
-        conn = new_connection(sid, who.user_id, socket)
+        conn = await attach(parts.hub, sid, who.user_id, socket)
         attached.append(conn)
-        await parts.hub.attach(conn)
         await conn.go_live()
         sockets[who.user_id] = socket
     await parts.sessions.remove_participant(alice, sid, bob.user_id)
@@ -206,16 +209,15 @@ async def test_removal_closes_the_members_connections_after_telling_them(
 
 
 async def test_deleting_closes_every_connection_after_telling_them(
-    parts: Components, attached: list[Connection]
+    parts: Components, attached: list[Subscription]
 ) -> None:
     alice, bob = users(2)
     sid = await group(parts, alice, bob)
     sockets = []
     for who in (alice, bob):
         socket = FakeSocket()
-        conn = new_connection(sid, who.user_id, socket)
+        conn = await attach(parts.hub, sid, who.user_id, socket)
         attached.append(conn)
-        await parts.hub.attach(conn)
         await conn.go_live()
         sockets.append(socket)
     await parts.sessions.delete(alice, sid)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from redis.exceptions import RedisError
 
-from chatservice.bus.base import Presence, PresenceEntry
+from chatservice.bus.base import ANYWHERE, Presence, PresenceEntry
 from tests.conftest import start_redis
 from tests.integration.bus_fixtures import MEMBERS, PresenceWorld, unique, with_db
 
@@ -286,3 +286,35 @@ async def test_redis_heartbeats_restore_presence_after_redis_restarts_empty(
     finally:
         await world.aclose()
         redis.stop()
+
+
+# -- online anywhere --------------------------------------------------------------------------
+
+
+async def test_a_user_is_online_anywhere_with_any_live_connection(world: PresenceWorld) -> None:
+    presence, other_instance = world.instance(), world.instance()
+    alice, bob = unique("alice"), unique("bob")
+    assert await presence.user_online(alice) is False
+    in_session = entry(unique("s"), alice)
+    # A socket that follows no session yet is the user being online too.
+    anywhere = entry(ANYWHERE, alice)
+    await presence.join(in_session)
+    await other_instance.join(anywhere)
+    assert await presence.user_online(alice) is True
+    assert await other_instance.user_online(alice) is True
+    assert await presence.user_online(bob) is False
+    await presence.leave(in_session)
+    assert await presence.user_online(alice) is True
+    await other_instance.leave(anywhere)
+    assert await presence.user_online(alice) is False
+
+
+async def test_online_anywhere_expires_without_refresh(world: PresenceWorld) -> None:
+    presence = world.instance()
+    kept_user, dropped_user = unique("kept"), unique("dropped")
+    kept, dropped = entry(ANYWHERE, kept_user), entry(unique("s"), dropped_user)
+    await presence.join(kept)
+    await presence.join(dropped)
+    await keep_alive(presence, [kept], 3 * TIMEOUT)
+    assert await presence.user_online(kept_user) is True
+    assert await presence.user_online(dropped_user) is False

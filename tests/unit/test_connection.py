@@ -1,10 +1,22 @@
-"""The per-connection send queue: order, replay hand-over, and the slow-consumer bound."""
+"""A connection's send queue and a subscription's hand-over: order, replay, the
+slow-consumer bound."""
 
 from __future__ import annotations
 
 import asyncio
 
-from chatservice.realtime.connection import CLOSE_SLOW_CONSUMER, Connection
+from chatservice.envelope import Envelope
+from chatservice.realtime.codec import NATIVE, CloseReason
+from chatservice.realtime.connection import Connection, Subscription
+
+CLOSE_SLOW_CONSUMER = NATIVE.close_code(CloseReason.SLOW_CONSUMER)
+
+
+def event(seq: int | None, text: str) -> Envelope:
+    """An event whose native frame is `text` (a JSON string, for readable assertions)."""
+    return Envelope(
+        kind="message" if seq else "typing", payload=b'"' + text.encode() + b'"', seq=seq
+    )
 
 
 class Peer:
@@ -18,16 +30,16 @@ class Peer:
     async def send(self, text: str) -> None:
         if self.stuck:
             await asyncio.Event().wait()
-        self.frames.append(text)
+        self.frames.append(text.strip('"'))
 
     async def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
 
 
-def connection(peer: Peer, queue_size: int = 16) -> Connection:
-    conn = Connection("c1", "s1", "alice", peer.send, peer.close, queue_size)
+def connection(peer: Peer, queue_size: int = 16) -> Subscription:
+    conn = Connection("c1", "alice", peer.send, peer.close, queue_size)
     conn.start()
-    return conn
+    return Subscription(conn, "s1")
 
 
 async def settle() -> None:
@@ -38,30 +50,30 @@ async def settle() -> None:
 async def test_frames_are_held_until_live_then_sent_in_order() -> None:
     peer = Peer()
     conn = connection(peer)
-    conn.offer(1, "m1")
-    conn.offer(None, "typing")
+    conn.offer(event(1, "m1"))
+    conn.offer(event(None, "typing"))
     await settle()
     assert peer.frames == []
     await conn.go_live()
-    conn.offer(2, "m2")
+    conn.offer(event(2, "m2"))
     await settle()
     assert peer.frames == ["m1", "typing", "m2"]
-    await conn.stop()
+    await conn.conn.stop()
 
 
 async def test_replayed_messages_are_not_sent_twice() -> None:
     peer = Peer()
     conn = connection(peer)
     conn.last_seq = 0
-    conn.offer(2, "m2-live")  # published while the replay was reading the database
-    conn.offer(3, "m3-live")
+    conn.offer(event(2, "m2-live"))  # published while the replay was reading the database
+    conn.offer(event(3, "m3-live"))
     for seq in (1, 2):
-        await conn.replay(seq, f"m{seq}-db")
+        await conn.replay(event(seq, f"m{seq}-db"))
     await conn.go_live()
-    conn.offer(3, "m3-again")
+    conn.offer(event(3, "m3-again"))
     await settle()
     assert peer.frames == ["m1-db", "m2-db", "m3-live"]
-    await conn.stop()
+    await conn.conn.stop()
 
 
 async def test_a_client_that_stops_reading_is_closed_as_slow() -> None:
@@ -69,18 +81,18 @@ async def test_a_client_that_stops_reading_is_closed_as_slow() -> None:
     conn = connection(peer, queue_size=4)
     await conn.go_live()
     for seq in range(1, 10):
-        conn.offer(seq, f"m{seq}")
+        conn.offer(event(seq, f"m{seq}"))
     await settle()
-    assert conn.closed
+    assert conn.conn.closed
     assert peer.closed is not None and peer.closed[0] == CLOSE_SLOW_CONSUMER
-    await conn.stop()
+    await conn.conn.stop()
 
 
 async def test_holding_back_is_bounded_too() -> None:
     peer = Peer()
     conn = connection(peer, queue_size=3)
     for seq in range(1, 6):
-        conn.offer(seq, f"m{seq}")
+        conn.offer(event(seq, f"m{seq}"))
     await settle()
     assert peer.closed is not None and peer.closed[0] == CLOSE_SLOW_CONSUMER
-    await conn.stop()
+    await conn.conn.stop()

@@ -4,6 +4,7 @@ import asyncio
 
 from chatservice.bus.memory import MemoryBus
 from chatservice.events import typing_channel
+from chatservice.publisher import Publisher
 from chatservice.services.typing import TypingService
 
 
@@ -11,7 +12,7 @@ async def test_repeated_typing_is_throttled_and_stopping_is_always_sent() -> Non
     bus = MemoryBus()
     published: list[bytes] = []
     await bus.subscribe([typing_channel("s1")], lambda _, data: published.append(data))
-    typing = TypingService(bus)
+    typing = TypingService(Publisher(bus))
     results = [await typing.set_typing("s1", "alice", True) for _ in range(50)]
     assert results.count(True) == 1
     assert await typing.set_typing("s1", "alice", False)
@@ -23,7 +24,7 @@ async def test_a_disconnect_clears_an_indicator_left_on() -> None:
     bus = MemoryBus()
     published: list[bytes] = []
     await bus.subscribe([typing_channel("s1")], lambda _, data: published.append(data))
-    typing = TypingService(bus)
+    typing = TypingService(Publisher(bus))
     await typing.set_typing("s1", "alice", True)
     await typing.stopped("s1", "alice")
     await typing.stopped("s1", "bob")
@@ -34,7 +35,7 @@ async def test_an_indicator_nobody_refreshes_expires_with_a_stop() -> None:
     bus = MemoryBus()
     published: list[bytes] = []
     await bus.subscribe([typing_channel("s1")], lambda _, data: published.append(data))
-    typing = TypingService(bus, ttl=0.1)
+    typing = TypingService(Publisher(bus), ttl=0.1)
     await typing.set_typing("s1", "alice", True)
     await asyncio.sleep(0.05)
     await typing.set_typing("s1", "alice", True)  # a refresh re-arms the timer
@@ -50,7 +51,7 @@ async def test_a_stop_reaches_the_bus_from_an_instance_that_never_saw_the_start(
     bus = MemoryBus()
     published: list[bytes] = []
     await bus.subscribe([typing_channel("s1")], lambda _, data: published.append(data))
-    phone_side, laptop_side = TypingService(bus), TypingService(bus)
+    phone_side, laptop_side = TypingService(Publisher(bus)), TypingService(Publisher(bus))
     assert await phone_side.set_typing("s1", "alice", True)
     assert await laptop_side.set_typing("s1", "alice", False)
     assert not await laptop_side.set_typing("s1", "alice", False)  # repeating itself

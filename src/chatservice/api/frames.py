@@ -1,23 +1,17 @@
-"""Client → server WebSocket frames of the native protocol, validated strictly."""
+"""Client → server WebSocket frames of the native protocol, validated strictly.
+
+`message` frames have no model: they are the hot path, and the message service checks
+every field of a send whatever the transport (`MessageService.prepare`)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 
 class _Frame(BaseModel):
     model_config = ConfigDict(extra="ignore")
-
-
-class MessageFrame(_Frame):
-    type: Literal["message"]
-    content: StrictStr
-    client_msg_id: StrictStr | None = Field(None, min_length=1, max_length=100)
-    # Its strings and numbers were checked with the whole frame (`values.check_json`, in
-    # the reader) before this model sees it: no second, slower walk here.
-    metadata: dict[str, Any] | None = None
 
 
 class FileFrame(_Frame):
@@ -49,7 +43,6 @@ class PingFrame(_Frame):
 
 
 FRAME_TYPES: dict[str, type[_Frame]] = {
-    "message": MessageFrame,
     "file": FileFrame,
     "typing": TypingFrame,
     "read": ReadFrame,

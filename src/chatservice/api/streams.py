@@ -1,12 +1,15 @@
 """Agent answers over SSE: send-and-stream, resume from a chunk index, cancel.
 
-An SSE response follows the session's events through a hub connection of its own (a
-"tap") whose frames go to the response instead of a socket, filtered to one answer.
+An SSE response is a transport on the hub like a WebSocket: a connection of its own
+(`Feed`) subscribed to the session, whose frames go to the response instead of a socket,
+filtered to one answer. Its queue is the connection's, bounded, under the same
+slow-consumer rule and write timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -58,41 +61,52 @@ _SSE: Responses = {
 }
 
 
-class Tap:
-    """A hub connection feeding an SSE response; not counted as presence."""
+class Feed:
+    """A hub connection feeding an SSE response; not counted as presence.
+
+    The connection's writer hands each frame over through a one-place queue that the
+    response drains: a client that reads slowly holds the writer, the connection's own
+    bounded queue fills, and it is cut off like a slow WebSocket.
+    """
 
     def __init__(self, parts: Components, session_id: str, user_id: str) -> None:
         self.parts = parts
-        self.out: asyncio.Queue[str | None] = asyncio.Queue()
+        self.session_id = session_id
+        self._handoff: asyncio.Queue[str | None] = asyncio.Queue(1)
+        self._ended = False
         self.conn = Connection(
             new_id("sse"),
-            session_id,
             user_id,
-            self._send,
+            self._handoff.put,
             self._close,
             parts.settings.ws_send_queue_size,
             presence=False,
+            write_timeout=parts.settings.ws_write_timeout,
         )
 
-    async def _send(self, text: str) -> None:
-        self.out.put_nowait(text)
-
     async def _close(self, code: int, reason: str) -> None:
-        self.out.put_nowait(None)
+        self._ended = True
+        with contextlib.suppress(asyncio.QueueFull):  # a full queue is read, then the end
+            self._handoff.put_nowait(None)
 
     async def open(self) -> None:
         self.conn.start()
-        await self.parts.hub.attach(self.conn)
-        await self.conn.go_live()
+        await self.parts.hub.connect(self.conn)
+        try:
+            sub = await self.parts.hub.subscribe(self.conn, self.session_id)
+        except BaseException:
+            await self.close()
+            raise
+        await sub.go_live()
 
     async def close(self) -> None:
-        await self.parts.hub.detach(self.conn)
+        await self.parts.hub.disconnect(self.conn)
         await self.conn.stop()
 
     async def frames(self, idle_timeout: float) -> AsyncIterator[JSON]:
-        while True:
+        while not (self._ended and self._handoff.empty()):
             try:
-                text = await asyncio.wait_for(self.out.get(), idle_timeout)
+                text = await asyncio.wait_for(self._handoff.get(), idle_timeout)
             except TimeoutError:
                 return
             if text is None:
@@ -128,8 +142,8 @@ async def send_and_stream(
     session, _ = await parts.sessions.require_member(caller, session_id)
     if session.kind != SessionKind.AGENT:
         raise InvalidInput("only agent sessions have streamed answers", code="NOT_AGENT_SESSION")
-    tap = Tap(parts, session_id, caller.user_id)
-    await tap.open()  # before sending: no chunk of the answer can slip past
+    feed = Feed(parts, session_id, caller.user_id)
+    await feed.open()  # before sending: no chunk of the answer can slip past
     try:
         result = await parts.messages.send_as_member(
             caller,
@@ -137,22 +151,22 @@ async def send_and_stream(
             Draft(content=body.content, metadata=body.metadata, client_msg_id=body.client_msg_id),
         )
     except BaseException:
-        await tap.close()
+        await feed.close()
         raise
     question = result.message.message_id
     if not result.created:
         # A retry (same client_msg_id): its answer may be under way or done already.
         state, stored = await parts.streams.answer_to(result.message)
         if stored is not None:
-            await tap.close()
+            await feed.close()
             return _sse(_one(events.message_event(stored)))
         if state is not None:
-            return _sse(_resumed(parts, tap, state.message_id, 0))
+            return _sse(_resumed(parts, feed, state.message_id, 0))
 
     async def answer() -> AsyncIterator[JSON]:
         try:
             stream_id = None
-            async for frame in tap.frames(_idle_timeout(parts)):
+            async for frame in feed.frames(_idle_timeout(parts)):
                 kind = frame.get("type")
                 if stream_id is None:
                     if kind == "stream_start" and frame.get("reply_to") == question:
@@ -167,7 +181,7 @@ async def send_and_stream(
                     yield frame
                     return
         finally:
-            await tap.close()
+            await feed.close()
 
     return _sse(answer())
 
@@ -187,17 +201,17 @@ async def resume_stream(
     if stored is not None or state is None:
         assert stored is not None
         return _sse(_one(events.message_event(stored)))
-    tap = Tap(parts, state.session_id, caller.user_id)
-    await tap.open()
-    return _sse(_resumed(parts, tap, message_id, from_index))
+    feed = Feed(parts, state.session_id, caller.user_id)
+    await feed.open()
+    return _sse(_resumed(parts, feed, message_id, from_index))
 
 
 async def _resumed(
-    parts: Components, tap: Tap, message_id: str, from_index: int
+    parts: Components, feed: Feed, message_id: str, from_index: int
 ) -> AsyncIterator[JSON]:
     """An answer from `from_index` on: buffered chunks, then live ones, to its end."""
     try:
-        # Read the buffer only now that the tap catches live frames: nothing falls between.
+        # Read the buffer only now that the feed catches live frames: nothing falls between.
         current = await parts.streams.buffer.read(message_id, from_index)
         if current is None:
             return
@@ -217,7 +231,7 @@ async def _resumed(
             if finished is not None:
                 yield stream_end_from(finished)
             return
-        async for frame in tap.frames(_idle_timeout(parts)):
+        async for frame in feed.frames(_idle_timeout(parts)):
             if frame.get("message_id") != message_id:
                 continue
             kind = frame.get("type")
@@ -232,7 +246,7 @@ async def _resumed(
                 yield frame
                 return
     finally:
-        await tap.close()
+        await feed.close()
 
 
 @router.post(

@@ -53,6 +53,11 @@ class Bus(Protocol):
         """Call `listener` after a lost link is restored (messages may have been missed)."""
 
 
+# The session of a presence entry that says only "this user has a connection here": a
+# multiplexed connection is the user being online even before it follows any session.
+ANYWHERE = ""
+
+
 @dataclass(frozen=True, slots=True)
 class PresenceEntry:
     session_id: str
@@ -74,6 +79,9 @@ class Presence(Protocol):
 
     async def online(self, session_id: str) -> list[str]:
         """Users with at least one live connection to the session, sorted."""
+
+    async def user_online(self, user_id: str) -> bool:
+        """Whether the user has a live connection anywhere, on any instance."""
 
     async def sweep(self) -> list[tuple[str, str]]:
         """Drop expired connections (a crashed instance's); returns the (session, user)

@@ -41,6 +41,14 @@ class MemoryPresence:
         conns = self._sessions.get(session_id, {})
         return sorted({user for user, expires in conns.values() if expires > now})
 
+    async def user_online(self, user_id: str) -> bool:
+        now = time.monotonic()
+        return any(
+            user == user_id and expires > now
+            for conns in self._sessions.values()
+            for user, expires in conns.values()
+        )
+
     async def sweep(self) -> list[tuple[str, str]]:
         now = time.monotonic()
         gone: list[tuple[str, str]] = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from datetime import datetime
 
 import orjson
 from redis.asyncio import Redis
@@ -166,6 +167,19 @@ class RedisPresence:
     async def online(self, session_id: str) -> list[str]:
         members = await self.redis.zrangebyscore(_zkey(session_id), _now_ms(), "+inf")
         return sorted({as_text(m).split("\n", 1)[0] for m in members})
+
+    async def user_online(self, user_id: str) -> bool:
+        # Fields of a crashed instance stay in the hash until the key expires (it lives
+        # as long as the user's freshest connection): go by each field's last ping.
+        fresh_after = _now_ms() - self.ttl_ms
+        for raw in await self.redis.hvals(_hkey(user_id)):
+            try:
+                pinged = datetime.fromisoformat(orjson.loads(raw)["last_ping"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            if pinged.timestamp() * 1000 >= fresh_after:
+                return True
+        return False
 
     async def sweep(self) -> list[tuple[str, str]]:
         # One sweeper at a time across instances; the lock lapses by itself.

@@ -1,4 +1,12 @@
-"""One client connection as the hub sees it: a bounded send queue and a writer task."""
+"""One client connection as the hub sees it: its subscriptions, a bounded send queue and
+a writer task.
+
+A connection follows one or more sessions, each through a `Subscription` that knows how
+far the client has got in that session (`last_seq`, the stream chunks it has) and holds
+events back while a `since_seq` replay is read from the database. What a subscription
+lets through goes, through the connection's codec, onto the one queue of the
+connection, in order, drained by its own writer task.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +16,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-log = logging.getLogger(__name__)
+from chatservice.domain import JSON
+from chatservice.envelope import Envelope
+from chatservice.realtime.codec import NATIVE, CloseReason, Codec, frame_for
 
-# Close codes of the native protocol (README, "Close codes").
-CLOSE_NORMAL = 1000
-# The server is stopping (uvicorn closes its WebSockets with this code on shutdown too).
-CLOSE_SERVICE_RESTART = 1012
-CLOSE_TRY_AGAIN_LATER = 1013
-CLOSE_SLOW_CONSUMER = 4008
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_FORBIDDEN = 4403
-CLOSE_NOT_FOUND = 4404
+log = logging.getLogger(__name__)
 
 # A replay may be longer than the queue, so it waits for room; a client that reads
 # nothing for this long during its replay is treated as slow.
@@ -31,46 +33,110 @@ SendText = Callable[[str], Awaitable[None]]
 Close = Callable[[int, str], Awaitable[None]]
 
 
+class Subscription:
+    """One session followed by one connection.
+
+    The hub calls `offer` synchronously for every event of the session. Until `go_live`
+    returns, events are held back so a `since_seq` replay from the database goes first;
+    `last_seq` then drops anything the replay covered, and a stream's chunks the client
+    already got from a resume are not sent again.
+    """
+
+    __slots__ = ("_chunks", "_held", "active", "conn", "last_seq", "live", "session_id")
+
+    def __init__(self, conn: Connection, session_id: str) -> None:
+        self.conn = conn
+        self.session_id = session_id
+        self.last_seq = 0
+        self.live = False
+        self.active = True  # False once unsubscribed: nothing more goes out
+        self._held: list[Envelope] = []
+        self._chunks: dict[str, int] = {}  # stream id -> highest chunk index delivered
+
+    def offer(self, envelope: Envelope) -> None:
+        conn = self.conn
+        if conn.closed or not self.active:
+            return
+        if not self.live:
+            if len(self._held) >= conn.limit:
+                conn.kill(CloseReason.SLOW_CONSUMER, "send queue full; reconnect with since_seq")
+                return
+            self._held.append(envelope)
+            return
+        if not self._seen(envelope.seq, envelope.stream_id, envelope.chunk):
+            conn.push(envelope)
+
+    def _seen(self, seq: int | None, stream_id: str | None, chunk: int | None) -> bool:
+        """Whether this event was delivered already; records it as delivered if not."""
+        if seq is not None:
+            if seq <= self.last_seq:
+                return True
+            self.last_seq = seq
+        if stream_id is not None:
+            if chunk is None:
+                self._chunks.pop(stream_id, None)
+            elif chunk <= self._chunks.get(stream_id, -2):
+                return True
+            else:
+                self._chunks[stream_id] = chunk
+        return False
+
+    async def replay(self, envelope: Envelope) -> None:
+        """An event from history or from an answer's buffer, before going live; waits
+        (boundedly) for queue space."""
+        if self.conn.closed or not self.active:
+            return
+        if self._seen(envelope.seq, envelope.stream_id, envelope.chunk):
+            return
+        await self.conn.put(envelope)
+
+    async def go_live(self) -> None:
+        """Send what was held back during the replay, then deliver as events come."""
+        while self._held and not self.conn.closed:
+            held, self._held = self._held, []
+            for envelope in held:
+                if not self._seen(envelope.seq, envelope.stream_id, envelope.chunk):
+                    await self.conn.put(envelope)
+        # No await between the last check of _held and here: nothing can slip in.
+        self.live = True
+
+
 class Connection:
     """Frames for one client, in order, never blocking the hub.
 
-    The hub calls `offer` synchronously for every event of the session; the frame goes
-    on a bounded queue drained by this connection's own writer task. A client that
-    stops reading fills only its own queue; past the bound it is closed with
-    CLOSE_SLOW_CONSUMER and recovers with `since_seq`.
-
-    Until `go_live` returns, offered frames are held back so a `since_seq` replay from the
-    database can be sent first; `last_seq` then drops anything the replay covered.
+    A client that stops reading fills only its own queue; past the bound it is closed
+    as a slow consumer and recovers with `since_seq`. `multiplexed` connections (`/ws`)
+    follow sessions they subscribe to and also receive their user's own events; a
+    subscription they lose ends with a frame, not with the socket.
     """
 
     def __init__(
         self,
         conn_id: str,
-        session_id: str,
         user_id: str,
         send_text: SendText,
         close: Close,
         queue_size: int,
         *,
+        codec: Codec = NATIVE,
         presence: bool = True,
         write_timeout: float | None = None,
+        multiplexed: bool = False,
     ) -> None:
         self.conn_id = conn_id
-        self.presence = presence  # whether it counts as the user being online
-        self.session_id = session_id
         self.user_id = user_id
-        self.last_seq = 0
+        self.codec = codec
+        self.presence = presence  # whether it counts as the user being online
+        self.multiplexed = multiplexed
+        self.subscriptions: dict[str, Subscription] = {}
         self.closed = False
+        self.limit = queue_size
         self._send_text = send_text
         self._close = close
         self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
-        self._limit = queue_size
         # A client that reads nothing fills the socket's buffers long before its queue
         # under light traffic; a write that cannot finish in this time marks it as slow.
         self._write_timeout = write_timeout
-        self._live = False
-        self._held: list[tuple[int | None, str, str | None, int | None]] = []
-        self._chunks: dict[str, int] = {}  # stream id -> highest chunk index delivered
         self._gone = asyncio.Event()  # set once the connection is closing for any reason
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
@@ -89,78 +155,29 @@ class Connection:
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.conn_id}")
 
-    def offer(
-        self,
-        seq: int | None,
-        text: str,
-        stream_id: str | None = None,
-        chunk_index: int | None = None,
-    ) -> None:
-        """Called by the hub for each event.
+    def push(self, envelope: Envelope) -> None:
+        """An event, live: through the codec onto the queue, or closed as slow if full."""
+        frame = frame_for(self.codec, envelope)
+        if frame is not None:
+            self.send_nowait(frame)
 
-        `seq` is set for persisted messages; `stream_id` for an agent stream's frames,
-        with `chunk_index` on its chunks (None on its end), so chunks a client already
-        got from a resume are not sent again.
-        """
-        if self.closed:
+    def send_control(self, frame: JSON) -> None:
+        """A frame of the connection itself (connected, error, pong, …)."""
+        self.send_nowait(self.codec.control(frame))
+
+    async def put(self, envelope: Envelope) -> None:
+        """An event of a replay: waits (boundedly) for room in the queue."""
+        frame = frame_for(self.codec, envelope)
+        if frame is None:
             return
-        if not self._live:
-            if len(self._held) >= self._limit:
-                self.kill(CLOSE_SLOW_CONSUMER, "send queue full; reconnect with since_seq")
-                return
-            self._held.append((seq, text, stream_id, chunk_index))
-            return
-        if self._seen(seq, stream_id, chunk_index):
-            return
-        self.send_nowait(text)
-
-    def _seen(self, seq: int | None, stream_id: str | None, chunk_index: int | None) -> bool:
-        """Whether this frame was delivered already; records it as delivered if not."""
-        if seq is not None:
-            if seq <= self.last_seq:
-                return True
-            self.last_seq = seq
-        if stream_id is not None:
-            if chunk_index is None:
-                self._chunks.pop(stream_id, None)
-            elif chunk_index <= self._chunks.get(stream_id, -2):
-                return True
-            else:
-                self._chunks[stream_id] = chunk_index
-        return False
-
-    async def replay(self, seq: int, text: str) -> None:
-        """A frame from history, before going live; waits (boundedly) for queue space."""
-        if self.closed or seq <= self.last_seq:
-            return
-        self.last_seq = seq
-        await self._put(text)
-
-    async def replay_stream(self, stream_id: str, chunk_index: int | None, text: str) -> None:
-        """A frame of an answer in progress, read from the stream buffer on resume."""
-        if self.closed or self._seen(None, stream_id, chunk_index):
-            return
-        await self._put(text)
-
-    async def go_live(self) -> None:
-        """Send what was held back during the replay, then deliver as events come."""
-        while self._held and not self.closed:
-            held, self._held = self._held, []
-            for seq, text, stream_id, chunk_index in held:
-                if not self._seen(seq, stream_id, chunk_index):
-                    await self._put(text)
-        # No await between the last check of _held and here: nothing can slip in.
-        self._live = True
-
-    async def _put(self, text: str) -> None:
         try:
-            self._queue.put_nowait(text)
+            self._queue.put_nowait(frame)
             return
         except asyncio.QueueFull:
             pass
         # A replay may be longer than the queue: wait for room, but stop at once if the
         # connection closes, and give up on a client that reads nothing for too long.
-        put = asyncio.ensure_future(self._queue.put(text))
+        put = asyncio.ensure_future(self._queue.put(frame))
         gone = asyncio.ensure_future(self._gone.wait())
         done, _ = await asyncio.wait(
             {put, gone}, timeout=REPLAY_STALL_SECONDS, return_when=asyncio.FIRST_COMPLETED
@@ -168,36 +185,42 @@ class Connection:
         put.cancel()
         gone.cancel()
         if put not in done:
-            self.kill(CLOSE_SLOW_CONSUMER, "client did not read its replay")
+            self.kill(CloseReason.SLOW_CONSUMER, "client did not read its replay")
 
     def send_nowait(self, text: str) -> None:
+        if self.closed:
+            return
         try:
             self._queue.put_nowait(text)
         except asyncio.QueueFull:
-            self.kill(CLOSE_SLOW_CONSUMER, "send queue full; reconnect with since_seq")
+            self.kill(CloseReason.SLOW_CONSUMER, "send queue full; reconnect with since_seq")
 
-    def kill(self, code: int, reason: str) -> None:
+    def kill(self, reason: CloseReason, detail: str) -> None:
         """Close from inside a synchronous call path (the hub's fan-out)."""
         if self.closed:
             return
         self._mark_closed()
-        log.info("closing connection %s: %s", self.conn_id, reason)
-        self._closer = asyncio.create_task(self._close_quietly(code, reason))
+        log.info("closing connection %s: %s", self.conn_id, detail)
+        self._closer = asyncio.create_task(
+            self._close_quietly(self.codec.close_code(reason), detail)
+        )
         if self.idle_reader is not None and self.idle_reader is not asyncio.current_task():
             self.reader_interrupted = True
             self.idle_reader.cancel()
 
-    def finish(self, code: int, reason: str) -> None:
+    def finish(self, reason: CloseReason, detail: str) -> None:
         """Close after the frames already queued are written (e.g. "you were removed")."""
         if self.closed:
             return
         self._mark_closed()
-        self._closer = asyncio.create_task(self._close_after_drain(code, reason))
+        self._closer = asyncio.create_task(
+            self._close_after_drain(self.codec.close_code(reason), detail)
+        )
 
-    async def _close_after_drain(self, code: int, reason: str) -> None:
+    async def _close_after_drain(self, code: int, detail: str) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), FINISH_DRAIN_SECONDS)
-        await self._close_quietly(code, reason)
+        await self._close_quietly(code, detail)
 
     async def stop(self) -> None:
         """The client is gone or the endpoint is done: end the writer task.
@@ -214,11 +237,11 @@ class Connection:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._closer
 
-    async def _close_quietly(self, code: int, reason: str) -> None:
+    async def _close_quietly(self, code: int, detail: str) -> None:
         if self._writer is not None:
             self._writer.cancel()
         with contextlib.suppress(Exception):
-            await self._close(code, reason)
+            await self._close(code, detail)
 
     async def _write_loop(self) -> None:
         queue = self._queue
@@ -235,7 +258,7 @@ class Connection:
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            self.kill(CLOSE_SLOW_CONSUMER, "client stopped reading; reconnect with since_seq")
+            self.kill(CloseReason.SLOW_CONSUMER, "client stopped reading; reconnect with since_seq")
         except Exception:  # the peer went away mid-send; the reader notices and cleans up
             self._mark_closed()
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatservice import events
-from chatservice.bus.base import Bus, RateLimiter
+from chatservice.bus.base import RateLimiter
 from chatservice.domain import (
     Cursor,
     Message,
@@ -21,6 +21,7 @@ from chatservice.domain import (
     new_id,
     utcnow,
 )
+from chatservice.publisher import Publisher
 from chatservice.services.errors import (
     Conflict,
     Forbidden,
@@ -65,14 +66,14 @@ class MessageService:
         self,
         sessions: SessionService,
         store: MessageStore,
-        bus: Bus,
+        publisher: Publisher,
         *,
         max_content_bytes: int,
         rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.sessions = sessions
         self.store = store
-        self.bus = bus
+        self.publisher = publisher
         self.max_content_bytes = max_content_bytes
         self.rate_limiter = rate_limiter  # None: RATE_LIMIT_ENABLED is off
         # Told about every new message once it is stored and published (agent answers).
@@ -88,11 +89,22 @@ class MessageService:
         self, principal: Principal, session: Session, draft: Draft
     ) -> SendResult:
         """Send for a caller whose membership the transport already checked (a live socket)."""
+        message = await self.prepare(principal, session, draft)
+        return await self.commit(session, message, draft.file_id)
+
+    async def prepare(self, principal: Principal, session: Session, draft: Draft) -> Message:
+        """The checks of a send (valid, writable, within the rate) and the message to store.
+
+        A transport that reads one client's frames ahead calls this for each frame in
+        turn, and `commit` for each without waiting for the previous commit: commits of
+        one client's frames are queued in the order they began, so they get their seqs in
+        that order and messages that arrive together are stored together.
+        """
         self._validate(draft)
         require_writable(session)
         if draft.rate_limited:
             await self.check_rate(principal)
-        message = Message(
+        return Message(
             message_id=new_id("msg"),
             session_id=session.session_id,
             seq=0,
@@ -104,8 +116,14 @@ class MessageService:
             created_at=utcnow(),
             client_msg_id=draft.client_msg_id,
         )
+
+    async def commit(
+        self, session: Session, message: Message, file_id: str | None = None
+    ) -> SendResult:
+        """Store a prepared message and publish it; its place in the store's queue is
+        taken before this first waits."""
         try:
-            stored, created = await self.store.append(message, attach_file_id=draft.file_id)
+            stored, created = await self.store.append(message, attach_file_id=file_id)
         except SessionNotWritable as exc:
             raise SessionClosed(READ_ONLY) from exc
         except FileNotAttachable as exc:
@@ -115,10 +133,7 @@ class MessageService:
             ) from exc
         if created:
             # Persist, then publish: nothing a client sees can be missing from history.
-            await self.bus.publish(
-                events.session_channel(session.session_id),
-                events.encode(events.message_event(stored)),
-            )
+            await self.publisher.publish(events.message_event(stored))
             for listener in self.listeners:
                 await listener(session, stored)
         return SendResult(stored, created)
@@ -145,10 +160,7 @@ class MessageService:
         edited = await self.store.edit(message_id, content, utcnow())
         if edited is None:
             raise NotFound("message not found", code="MESSAGE_NOT_FOUND")
-        await self.bus.publish(
-            events.session_channel(edited.session_id),
-            events.encode(events.message_updated_event(edited)),
-        )
+        await self.publisher.publish(events.message_updated_event(edited))
         return edited
 
     async def delete(self, principal: Principal, message_id: str) -> Message:
@@ -160,10 +172,7 @@ class MessageService:
             raise NotFound("message not found", code="MESSAGE_NOT_FOUND")
         # Committed: the deletion stands and everyone hears of it, whatever the cleanup
         # below meets (a blob store outage is retried by the housekeeping job).
-        await self.bus.publish(
-            events.session_channel(deleted.session_id),
-            events.encode(events.message_deleted_event(deleted, now)),
-        )
+        await self.publisher.publish(events.message_deleted_event(deleted, now))
         for listener in self.delete_listeners:
             try:
                 await listener(deleted)
@@ -197,15 +206,6 @@ class MessageService:
         return await self.store.page(
             session_id, before=_cursor(before, "before"), after=_cursor(after, "after"), limit=limit
         )
-
-    # -- history for the hub and for since_seq replay --------------------------------------
-
-    async def last_seq(self, session_id: str) -> int:
-        return await self.store.last_seq(session_id)
-
-    async def frames_after(self, session_id: str, after: int, limit: int) -> list[tuple[int, str]]:
-        messages = await self.store.after_seq(session_id, after, limit)
-        return [(m.seq, events.encode(events.message_event(m)).decode()) for m in messages]
 
     def _validate(self, draft: Draft) -> None:
         if draft.file_id is None and draft.message_type not in USER_MESSAGE_TYPES:

@@ -9,7 +9,7 @@ from datetime import datetime
 import orjson
 
 from chatservice import events
-from chatservice.bus.base import Bus, Presence
+from chatservice.bus.base import Presence
 from chatservice.domain import (
     WRITABLE_STATUSES,
     NewSession,
@@ -25,6 +25,7 @@ from chatservice.domain import (
     new_id,
     utcnow,
 )
+from chatservice.publisher import Publisher
 from chatservice.services.errors import (
     Conflict,
     Forbidden,
@@ -58,9 +59,9 @@ def check_metadata(metadata: object) -> None:
 
 
 class SessionService:
-    def __init__(self, store: SessionStore, bus: Bus, presence: Presence) -> None:
+    def __init__(self, store: SessionStore, publisher: Publisher, presence: Presence) -> None:
         self.store = store
-        self.bus = bus
+        self.publisher = publisher
         self.presence = presence
         # Told about every session that ends (the archive is written there) or is deleted.
         self.end_listeners: list[Callable[[Session], Awaitable[None]]] = []
@@ -113,7 +114,12 @@ class SessionService:
             )
         ] + [Participant(session.session_id, uid, Role.MEMBER.value, now) for uid in others]
         stored, created = await self.store.create(session, members, direct_key)
-        return await self.store.detail(stored), created
+        detail = await self.store.detail(stored)
+        if created:
+            await self._tell_members(
+                detail.participants, stored.session_id, "created", principal.user_id, now
+            )
+        return detail, created
 
     async def require_member(
         self, principal: Principal, session_id: str
@@ -172,6 +178,8 @@ class SessionService:
             for listener in self.delete_listeners:
                 await listener(changed)
             await self._announce(session_id, "session_deleted", principal.user_id, now)
+            members = (await self.store.detail(changed)).participants
+            await self._tell_members(members, session_id, "deleted", principal.user_id, now)
 
     async def end(self, principal: Principal, session_id: str) -> Session:
         """Archive the session (idempotent: ending an ended session returns it as it is)."""
@@ -194,6 +202,8 @@ class SessionService:
         # The archive is written first, so a client reacting to the event can fetch it.
         session = await self._ended(ended)
         await self._announce(session_id, "session_ended", principal.user_id, now)
+        members = (await self.store.detail(session)).participants
+        await self._tell_members(members, session_id, "ended", principal.user_id, now)
         return session
 
     async def expire(self, session_id: str, quiet_since: datetime) -> Session | None:
@@ -212,6 +222,8 @@ class SessionService:
             return None
         session = await self._ended(ended)
         await self._announce(session_id, "session_ended", None, now, reason="idle")
+        members = (await self.store.detail(session)).participants
+        await self._tell_members(members, session_id, "ended", None, now)
         return session
 
     async def _ended(self, session: Session) -> Session:
@@ -228,9 +240,15 @@ class SessionService:
         target = min(seq, session.last_seq)
         watermark = await self.store.mark_read(session_id, principal.user_id, target)
         if watermark > member.last_read_seq:
-            event = events.receipt_event(session_id, principal.user_id, watermark)
-            await self.bus.publish(events.session_channel(session_id), events.encode(event))
+            await self.publisher.publish(
+                events.receipt_event(session_id, principal.user_id, watermark)
+            )
         unread = await self.store.unread_count(session_id, principal.user_id, watermark)
+        if watermark > member.last_read_seq:
+            # The user's other devices follow: their unread badges change too.
+            await self.publisher.publish(
+                events.unread_event(session_id, watermark, unread), to_user=principal.user_id
+            )
         return watermark, unread
 
     async def add_participants(
@@ -246,6 +264,10 @@ class SessionService:
         for user_id in added:
             await self._announce(
                 session_id, "participant_added", user_id, now, by=principal.user_id
+            )
+            await self.publisher.publish(
+                events.session_change_event(session_id, "added", principal.user_id, isoformat(now)),
+                to_user=user_id,
             )
         return added, await self.store.detail(session)
 
@@ -267,8 +289,11 @@ class SessionService:
             raise NotFound(
                 f"{user_id} is not a participant of this session", code="PARTICIPANT_NOT_FOUND"
             )
-        await self._announce(
-            session_id, "participant_removed", user_id, utcnow(), by=principal.user_id
+        now = utcnow()
+        await self._announce(session_id, "participant_removed", user_id, now, by=principal.user_id)
+        await self.publisher.publish(
+            events.session_change_event(session_id, "removed", principal.user_id, isoformat(now)),
+            to_user=user_id,
         )
 
     async def _require_group_owner(
@@ -283,11 +308,25 @@ class SessionService:
             raise Forbidden("only the group's owner can change its members")
         return session, member
 
+    async def _tell_members(
+        self,
+        members: builtins.list[Participant],
+        session_id: str,
+        change: str,
+        by: str | None,
+        when: datetime,
+    ) -> None:
+        """Each member's own channel hears of it: their session list changes."""
+        event = events.session_change_event(session_id, change, by, isoformat(when))
+        for member in members:
+            await self.publisher.publish(event, to_user=member.user_id)
+
     async def _announce(
         self, session_id: str, name: str, user_id: str | None, when: datetime, **extra: str
     ) -> None:
-        event = events.system_event(session_id, name, user_id, isoformat(when), **extra)
-        await self.bus.publish(events.session_channel(session_id), events.encode(event))
+        await self.publisher.publish(
+            events.system_event(session_id, name, user_id, isoformat(when), **extra)
+        )
 
 
 def require_writable(session: Session) -> None:

@@ -44,6 +44,7 @@ from chatservice.domain import (
     new_id,
     utcnow,
 )
+from chatservice.publisher import Publisher
 from chatservice.services.errors import InvalidInput, NotFound
 from chatservice.services.leases import HeldLease
 from chatservice.services.messages import MessageService
@@ -90,6 +91,7 @@ class StreamService:
         buffer: StreamBuffer,
         locks: Locks,
         bus: Bus,
+        publisher: Publisher,
         limits: StreamLimits,
     ) -> None:
         self.sessions = sessions
@@ -99,7 +101,8 @@ class StreamService:
         self.backends = backends
         self.buffer = buffer
         self.locks = locks
-        self.bus = bus
+        self.bus = bus  # cancel signals between instances
+        self.publisher = publisher
         self.limits = limits
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()  # sessions with news while their worker runs
@@ -265,19 +268,26 @@ class StreamService:
         cancel: asyncio.Event,
     ) -> None:
         started = time.monotonic()
-        await self.buffer.open(
-            message_id, session_id, {"sender_id": str(agent.id), "reply_to": question.message_id}
-        )
-        await self._publish(
-            session_id,
-            events.stream_start_event(
-                session_id, message_id, str(agent.id), question.message_id, isoformat(utcnow())
-            ),
-        )
+
+        async def announce() -> None:
+            # The buffer first: a client that sees stream_start can resume from it.
+            await self.buffer.open(
+                message_id,
+                session_id,
+                {"sender_id": str(agent.id), "reply_to": question.message_id},
+            )
+            await self._publish(
+                session_id,
+                events.stream_start_event(
+                    session_id, message_id, str(agent.id), question.message_id, isoformat(utcnow())
+                ),
+            )
+
+        # The context is read while the start is announced: the upstream call waits for
+        # one round trip, not three in series.
+        _, turns = await asyncio.gather(announce(), self._context(agent, question))
         outcome = _Outcome()
-        request = AgentRequest(
-            agent=agent, settings=agent.settings, turns=await self._context(agent, question)
-        )
+        request = AgentRequest(agent=agent, settings=agent.settings, turns=turns)
         await self._generate(
             session_id, message_id, self.backends[agent.backend], request, outcome, cancel
         )
@@ -434,7 +444,7 @@ class StreamService:
         return build_context(agent, history, self.limits.context_chars)
 
     async def _publish(self, session_id: str, event: JSON) -> None:
-        await self.bus.publish(events.session_channel(session_id), events.encode(event))
+        await self.publisher.publish(event)
 
     # -- cancel and resume -----------------------------------------------------------------
 

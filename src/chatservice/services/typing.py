@@ -15,7 +15,7 @@ import logging
 import time
 
 from chatservice import events
-from chatservice.bus.base import Bus
+from chatservice.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ TYPING_TTL = 6.0
 
 
 class TypingService:
-    def __init__(self, bus: Bus, ttl: float = TYPING_TTL) -> None:
-        self.bus = bus
+    def __init__(self, publisher: Publisher, ttl: float = TYPING_TTL) -> None:
+        self.publisher = publisher
         self.ttl = ttl
         # (session, user) -> when this instance last published their typing=True
         self._typing: dict[tuple[str, str], float] = {}
@@ -100,9 +100,8 @@ class TypingService:
             await self._publish(session_id, user_id, False)
 
     async def _publish(self, session_id: str, user_id: str, is_typing: bool) -> None:
-        event = events.typing_event(session_id, user_id, is_typing)
         try:
-            await self.bus.publish(events.typing_channel(session_id), events.encode(event))
+            await self.publisher.publish(events.typing_event(session_id, user_id, is_typing))
         except Exception:
             if not is_typing:  # an indicator the others may keep showing: say so
                 log.warning("could not publish typing stop for %s in %s", user_id, session_id)

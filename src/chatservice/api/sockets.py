@@ -3,8 +3,8 @@ frames, and handing each frame to the service that does what it says.
 
 `/ws/{session_id}` (one session per socket, `ws.py`) and `/ws` (many, `ws_mux.py`) differ
 only in how a socket comes to follow sessions; a frame from either goes through
-`read_frames` → `handle` → a service, and the events it causes come back through the
-publisher, the bus and the hub.
+`read_frames` (a `message` through `_pipeline`, any other through `handle`) to a service,
+and the events it causes come back through the publisher, the bus and the hub.
 """
 
 from __future__ import annotations

@@ -136,7 +136,10 @@ class Connection:
         self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
         # A client that reads nothing fills the socket's buffers long before its queue
         # under light traffic; a write that cannot finish in this time marks it as slow.
-        self._write_timeout = write_timeout
+        # The hub's watchdog checks it (`check_write`): a timer per frame would cost more
+        # than the write itself.
+        self.write_timeout = write_timeout
+        self._send_started = 0.0  # loop time the frame being written was handed over
         self._gone = asyncio.Event()  # set once the connection is closing for any reason
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
@@ -243,22 +246,32 @@ class Connection:
         with contextlib.suppress(Exception):
             await self._close(code, detail)
 
+    def check_write(self, now: float) -> None:
+        """Called by the hub's watchdog: a frame whose write has not finished within the
+        write timeout (the client stopped reading) closes the connection as slow."""
+        timeout = self.write_timeout
+        if (
+            timeout is not None
+            and self._sending
+            and not self.closed
+            and now - self._send_started > timeout
+        ):
+            self.kill(CloseReason.SLOW_CONSUMER, "client stopped reading; reconnect with since_seq")
+
     async def _write_loop(self) -> None:
         queue = self._queue
+        loop = asyncio.get_running_loop()
+        send = self._send_text
         try:
             while True:
                 text = await queue.get()
                 self._sending = 1
-                if self._write_timeout is None:
-                    await self._send_text(text)
-                else:
-                    await asyncio.wait_for(self._send_text(text), self._write_timeout)
+                self._send_started = loop.time()
+                await send(text)
                 self._sending = 0
                 queue.task_done()
         except asyncio.CancelledError:
             raise
-        except TimeoutError:
-            self.kill(CloseReason.SLOW_CONSUMER, "client stopped reading; reconnect with since_seq")
         except Exception:  # the peer went away mid-send; the reader notices and cleans up
             self._mark_closed()
 

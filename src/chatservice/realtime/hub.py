@@ -27,6 +27,10 @@ from chatservice.realtime.connection import Connection, Subscription
 
 log = logging.getLogger(__name__)
 
+# How often the write watchdog looks: a stalled client is closed at most this long after
+# its write timeout.
+WRITE_CHECK_SECONDS = 0.5
+
 
 class History(Protocol):
     """What the hub reads from the database to close gaps (`store/history.py`)."""
@@ -195,18 +199,21 @@ class Hub:
         self._users: dict[str, set[Connection]] = {}
         self._user_channels: dict[str, asyncio.Future[None]] = {}  # users followed here
         self._heartbeats: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._revoking: set[asyncio.Task[None]] = set()
         self.connection_count = 0
         bus.on_reconnect(self.resync)
 
     async def start(self) -> None:
         self._heartbeats = asyncio.create_task(self._beat_forever(), name="presence-heartbeat")
+        self._watchdog = asyncio.create_task(self._watch_writes(), name="write-watchdog")
 
     async def stop(self) -> None:
-        if self._heartbeats is not None:
-            self._heartbeats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeats
+        for task in (self._heartbeats, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # -- connections ----------------------------------------------------------------------
 
@@ -394,6 +401,16 @@ class Hub:
         for session_id, user_id in await self.presence.sweep():
             if session_id != ANYWHERE:
                 await self._announce(session_id, "user_left", user_id)
+
+    async def _watch_writes(self) -> None:
+        """Every `WRITE_CHECK_SECONDS`, close connections whose current write has outlasted
+        their write timeout (one pass over the connections instead of a timer per frame)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WRITE_CHECK_SECONDS)
+            now = loop.time()
+            for conn in self._connections():
+                conn.check_write(now)
 
     async def _beat_forever(self) -> None:
         while True:

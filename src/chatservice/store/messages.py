@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -61,6 +61,11 @@ def message_from_row(row: Any) -> Message:
 MAX_GROUP = 128
 
 
+# On the hot path of every send: an IN over fixed values is an "expanding" parameter that
+# SQLAlchemy re-renders on each execution; ORed equalities compile once and are cached.
+_WRITABLE = or_(*(chat_sessions.c.status == status for status in WRITABLE_STATUSES))
+
+
 async def _take_seqs(
     conn: AsyncConnection, session_id: str, count: int, now: Any, *guards: Any, **values: Any
 ) -> Any:
@@ -71,7 +76,7 @@ async def _take_seqs(
     return (
         await conn.execute(
             update(s)
-            .where(s.c.session_id == session_id, s.c.status.in_(WRITABLE_STATUSES), *guards)
+            .where(s.c.session_id == session_id, _WRITABLE, *guards)
             .values(
                 last_seq=s.c.last_seq + count,
                 updated_at=now,

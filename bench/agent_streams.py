@@ -514,6 +514,9 @@ def setup(
             if name.startswith(("STREAM_", "AGENT_", "OPENAI_")):
                 del env[name]  # the caller's environment must not change the scenario
         env.update(extra_env or {})
+        if state.upstream is not None:
+            # The service calls only upstreams its operator allowed: allow the fake.
+            env["AGENT_ALLOWED_BASE_URLS"] = state.upstream.base_url
         if database_url:
             migrate_postgres(state.workdir, env)
         state.code = code_version()

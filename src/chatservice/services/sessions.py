@@ -117,7 +117,11 @@ class SessionService:
         detail = await self.store.detail(stored)
         if created:
             await self._tell_members(
-                detail.participants, stored.session_id, "created", principal.user_id, now
+                [m.user_id for m in detail.participants],
+                stored.session_id,
+                "created",
+                principal.user_id,
+                now,
             )
         return detail, created
 
@@ -178,7 +182,7 @@ class SessionService:
             for listener in self.delete_listeners:
                 await listener(changed)
             await self._announce(session_id, "session_deleted", principal.user_id, now)
-            members = (await self.store.detail(changed)).participants
+            members = await self.store.participant_ids(session_id)
             await self._tell_members(members, session_id, "deleted", principal.user_id, now)
 
     async def end(self, principal: Principal, session_id: str) -> Session:
@@ -202,7 +206,7 @@ class SessionService:
         # The archive is written first, so a client reacting to the event can fetch it.
         session = await self._ended(ended)
         await self._announce(session_id, "session_ended", principal.user_id, now)
-        members = (await self.store.detail(session)).participants
+        members = await self.store.participant_ids(session_id)
         await self._tell_members(members, session_id, "ended", principal.user_id, now)
         return session
 
@@ -222,7 +226,7 @@ class SessionService:
             return None
         session = await self._ended(ended)
         await self._announce(session_id, "session_ended", None, now, reason="idle")
-        members = (await self.store.detail(session)).participants
+        members = await self.store.participant_ids(session_id)
         await self._tell_members(members, session_id, "ended", None, now)
         return session
 
@@ -239,12 +243,11 @@ class SessionService:
         session, member = await self.require_member(principal, session_id)
         target = min(seq, session.last_seq)
         watermark = await self.store.mark_read(session_id, principal.user_id, target)
+        unread = await self.store.unread_count(session_id, principal.user_id, watermark)
         if watermark > member.last_read_seq:
             await self.publisher.publish(
                 events.receipt_event(session_id, principal.user_id, watermark)
             )
-        unread = await self.store.unread_count(session_id, principal.user_id, watermark)
-        if watermark > member.last_read_seq:
             # The user's other devices follow: their unread badges change too.
             await self.publisher.publish(
                 events.unread_event(session_id, watermark, unread), to_user=principal.user_id
@@ -310,7 +313,7 @@ class SessionService:
 
     async def _tell_members(
         self,
-        members: builtins.list[Participant],
+        user_ids: builtins.list[str],
         session_id: str,
         change: str,
         by: str | None,
@@ -318,8 +321,8 @@ class SessionService:
     ) -> None:
         """Each member's own channel hears of it: their session list changes."""
         event = events.session_change_event(session_id, change, by, isoformat(when))
-        for member in members:
-            await self.publisher.publish(event, to_user=member.user_id)
+        for user_id in user_ids:
+            await self.publisher.publish(event, to_user=user_id)
 
     async def _announce(
         self, session_id: str, name: str, user_id: str | None, when: datetime, **extra: str

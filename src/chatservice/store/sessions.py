@@ -256,6 +256,15 @@ class SessionStore:
             last_activity=stats[1] or session.updated_at,
         )
 
+    async def participant_ids(self, session_id: str) -> list[str]:
+        """Who takes part in a session (whatever its status), without the detail's counts."""
+        p = chat_participants
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(select(p.c.user_id).where(p.c.session_id == session_id))
+            ).all()
+        return [row.user_id for row in rows]
+
     async def get_agent(self, agent_id: int) -> Agent | None:
         async with self.db.read() as conn:
             return await self._agent(conn, agent_id)

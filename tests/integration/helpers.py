@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import uvicorn
+from starlette.types import ASGIApp
 
 from chatservice import events
+from chatservice.api.header_limit import bounded_http_protocol
 from chatservice.components import Components
 from chatservice.domain import Message, NewSession, Principal, new_id, utcnow
 from chatservice.envelope import Envelope
@@ -149,3 +154,24 @@ async def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0
 async def settle(seconds: float = 0.1) -> None:
     """Give writer tasks time to deliver anything that (wrongly) is still on its way."""
     await asyncio.sleep(seconds)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: ASGIApp) -> AsyncIterator[int]:
+    """`app` on a real uvicorn server in this process (httptools with the `serve` head
+    cap, as `serve` runs it), on a free port; yields the port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, http=bounded_http_protocol(16_384), log_config=None, lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+        await asyncio.sleep(0.01)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await task

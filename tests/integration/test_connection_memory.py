@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 import websockets
 from fastapi import FastAPI, WebSocket
 
-from chatservice.api.header_limit import _BoundedHead, bounded_http_protocol
+from chatservice.api.header_limit import _BoundedHead
+from tests.integration.helpers import serving
 
 
 def echo_app() -> FastAPI:
@@ -35,19 +34,8 @@ def echo_app() -> FastAPI:
 
 @pytest.fixture
 async def ws_url() -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        echo_app(), http=bounded_http_protocol(16_384), log_config=None, lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-        await asyncio.sleep(0.01)
-    yield f"ws://127.0.0.1:{port}/echo"
-    server.should_exit = True
-    await task
+    async with serving(echo_app()) as port:
+        yield f"ws://127.0.0.1:{port}/echo"
 
 
 def live_handshake_protocols() -> int:

@@ -7,15 +7,13 @@ whose route raises; one HTTP/1.1 connection carries failing and working requests
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
-from chatservice.api.header_limit import bounded_http_protocol
 from chatservice.api.safety import ResponseSafety
+from tests.integration.helpers import serving
 
 
 def failing_app() -> FastAPI:
@@ -35,19 +33,8 @@ def failing_app() -> FastAPI:
 
 @pytest.fixture
 async def base_url() -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        failing_app(), http=bounded_http_protocol(16_384), log_config=None, lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-        await asyncio.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+    async with serving(failing_app()) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 async def test_a_500_keeps_the_connection_usable(base_url: str) -> None:

@@ -58,15 +58,20 @@ async def _drop_database(name: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database for this test run, dropped afterwards."""
+def fresh_postgres() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database, dropped afterwards."""
     name = f"chatservice_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     asyncio.run(_create_database(name))
     url = _with_database(POSTGRES_ADMIN_URL, name)
     upgrade(url.replace("postgresql://", "postgresql+asyncpg://", 1))
     yield url
     asyncio.run(_drop_database(name))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The database of the run's server processes (they isolate tests by user ids)."""
+    yield from fresh_postgres()
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,7 +10,22 @@ import pytest
 from chatservice.app import build_components
 from chatservice.components import Components
 from chatservice.config import Settings
-from tests.conftest import TEST_SECRET
+from tests.conftest import BACKENDS, TEST_SECRET, fresh_postgres
+
+
+@pytest.fixture(scope="session")
+def in_process_postgres_url() -> Iterator[str]:
+    """Not the server processes' database: a server's orphaned-questions job would take
+    the questions of in-process components for its own (the two share no lease) and
+    answer them a second time."""
+    yield from fresh_postgres()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    if request.param == "sqlite":
+        return sqlite_url
+    return str(request.getfixturevalue("in_process_postgres_url"))
 
 
 @pytest.fixture

@@ -173,12 +173,14 @@ async def test_sends_racing_an_end_leave_no_gap(parts: Components) -> None:
 
 
 @pytest.fixture
-async def two_instances(postgres_url: str, tmp_path: Path) -> AsyncIterator[list[Components]]:
+async def two_instances(
+    in_process_postgres_url: str, tmp_path: Path
+) -> AsyncIterator[list[Components]]:
     """Two independently wired services (own engine and pool each) on one database."""
     instances = []
     for name in ("a", "b"):
         settings = Settings(
-            database_url=postgres_url,
+            database_url=in_process_postgres_url,
             jwt_secret_key=TEST_SECRET,
             data_dir=tmp_path / name,
             database_pool_size=10,

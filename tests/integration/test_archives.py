@@ -4,12 +4,13 @@ services and stores of each database; once more end to end against an S3 server 
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -24,7 +25,7 @@ from chatservice.components import Components
 from chatservice.config import Settings
 from chatservice.domain import Message, Principal, Session, utcnow
 from chatservice.services import archives as archives_module
-from chatservice.services.archives import ArchiveService, ArchiveSettings
+from chatservice.services.archives import ArchiveService, ArchiveSettings, Document
 from chatservice.services.errors import Forbidden, InvalidInput, NotFound
 from chatservice.services.files import Upload
 from chatservice.store.tables import chat_sessions
@@ -44,6 +45,10 @@ SEPARATOR = "-" * 50
 NOTES = "회의 메모\nline two\n".encode()
 GENERATED = re.compile(r"^(Generated at|생성 일시): (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)$", re.M)
 SNAPSHOT = re.compile(r"^temp/chat_(sess_[0-9a-z]+)_snapshot_(\d{14})\.txt$")
+
+
+async def body_of(document: Document) -> bytes:
+    return b"".join([chunk async for chunk in document.chunks])
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -232,6 +237,10 @@ class FailingPuts:
         self.attempts += 1
         raise OSError("blob store unavailable")
 
+    async def put_stream(self, key: str, source: BinaryIO, content_type: str) -> int:
+        self.attempts += 1
+        raise OSError("blob store unavailable")
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
@@ -246,7 +255,7 @@ async def test_text_transcript_layout(parts: Components) -> None:
     after = utcnow().replace(tzinfo=None)
     assert document.content_type == "text/plain; charset=utf-8"
     assert document.file_name == f"chat-{chat.session_id}.txt"
-    text = document.body.decode()
+    text = (await body_of(document)).decode()
     assert before <= generated_at(text) <= after
     assert without_generated(text) == chat.expected_text()
 
@@ -258,7 +267,7 @@ async def test_transcript_leaves_out_deleted_messages(parts: Components) -> None
     await send(parts, alice, sid, "delete me")
     (_, doomed) = await history(parts, alice, sid)
     await parts.messages.delete(alice, doomed.message_id)
-    text = (await parts.archives.transcript(bob, sid, "text")).body.decode()
+    text = (await body_of(await parts.archives.transcript(bob, sid, "text"))).decode()
     assert "Total messages: 1\n" in text
     assert "Content: keep me\n" in text
     assert "delete me" not in text
@@ -268,17 +277,19 @@ async def test_empty_session_transcript(parts: Components) -> None:
     alice, bob = users(2)
     sid = await group(parts, alice, bob)
     document = await parts.archives.transcript(bob, sid, "text")
-    assert document.body.decode() == "There are no messages in this chat."
+    assert (await body_of(document)).decode() == "There are no messages in this chat."
     korean = second_service(parts, language="ko")
-    assert (await korean.transcript(bob, sid, "text")).body.decode() == "채팅 내역이 없습니다."
-    body = orjson.loads((await parts.archives.transcript(alice, sid, "json")).body)
+    assert (
+        await body_of(await korean.transcript(bob, sid, "text"))
+    ).decode() == "채팅 내역이 없습니다."
+    body = orjson.loads(await body_of(await parts.archives.transcript(alice, sid, "json")))
     assert (body["message_count"], body["messages"], body["files"]) == (0, [], [])
 
 
 async def test_korean_labels_are_the_consultation_chats(parts: Components) -> None:
     chat = await Conversation().build(parts)
     korean = second_service(parts, language="ko")
-    text = (await korean.transcript(chat.alice, chat.session_id, "text")).body.decode()
+    text = (await body_of(await korean.transcript(chat.alice, chat.session_id, "text"))).decode()
     english = chat.expected_text()
     for en, ko in (
         ("       Chat transcript\n", "       상담 채팅 기록\n"),
@@ -299,8 +310,10 @@ async def test_korean_labels_are_the_consultation_chats(parts: Components) -> No
 async def test_timezone_shifts_the_printed_times(parts: Components) -> None:
     chat = await Conversation().build(parts)
     seoul = second_service(parts, zone=ZoneInfo("Asia/Seoul"))
-    utc_text = (await parts.archives.transcript(chat.alice, chat.session_id, "text")).body
-    seoul_text = (await seoul.transcript(chat.alice, chat.session_id, "text")).body.decode()
+    utc_text = await body_of(await parts.archives.transcript(chat.alice, chat.session_id, "text"))
+    seoul_text = (
+        await body_of(await seoul.transcript(chat.alice, chat.session_id, "text"))
+    ).decode()
     assert without_generated(seoul_text) == chat.expected_text("Asia/Seoul")
 
     def stamps(text: str) -> list[datetime]:
@@ -323,7 +336,7 @@ async def test_json_transcript(parts: Components) -> None:
         "application/json",
         f"chat-{chat.session_id}.json",
     )
-    body = orjson.loads(document.body)
+    body = orjson.loads(await body_of(document))
     a, b, c = chat.alice.user_id, chat.bob.user_id, chat.carol.user_id
     assert body["session"]["session_id"] == chat.session_id
     assert body["session"]["title"] == "Consult #7"
@@ -350,6 +363,31 @@ async def test_json_transcript(parts: Components) -> None:
     assert body["generated_at"].endswith("Z")
 
 
+async def test_a_transcript_written_a_page_at_a_time_is_the_same_transcript(
+    parts: Components, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Transcripts are written page by page (their memory must not grow with the
+    session): pages of one and of three messages give what one page gives."""
+    chat = await Conversation().build(parts)
+    whole = {
+        fmt: await body_of(await parts.archives.transcript(chat.bob, chat.session_id, fmt))
+        for fmt in ("text", "json")
+    }
+    paged = parts.archives.messages.pages
+    for size in (1, 3):
+        monkeypatch.setattr(
+            parts.archives.messages, "pages", functools.partial(paged, page_size=size)
+        )
+        text = await body_of(await parts.archives.transcript(chat.bob, chat.session_id, "text"))
+        assert GENERATED.sub("", text.decode()) == GENERATED.sub("", whole["text"].decode())
+        body = orjson.loads(
+            await body_of(await parts.archives.transcript(chat.bob, chat.session_id, "json"))
+        )
+        expected = orjson.loads(whole["json"])
+        assert body.pop("generated_at") and expected.pop("generated_at")
+        assert body == expected
+
+
 async def test_transcript_rejects_unknown_formats(parts: Components) -> None:
     (alice,) = users(1)
     sid = await group(parts, alice)
@@ -373,7 +411,7 @@ async def test_who_may_read_transcripts_and_archives(parts: Components) -> None:
         assert early.value.code == "ARCHIVE_NOT_FOUND"
     await parts.sessions.end(alice, sid)
     for fmt in ("text", "json"):
-        assert (await parts.archives.archived(bob, sid, fmt)).body
+        assert await body_of(await parts.archives.archived(bob, sid, fmt))
         with pytest.raises(Forbidden):
             await parts.archives.archived(mallory, sid, fmt)
         with pytest.raises(Forbidden):
@@ -414,11 +452,11 @@ async def test_end_writes_the_archive_once(parts: Components) -> None:
 
     for who in (chat.alice, chat.bob):
         document = await parts.archives.archived(who, sid, "text")
-        assert document.body == stored_text
+        assert (await body_of(document)) == stored_text
         assert document.content_type == "text/plain; charset=utf-8"
         assert document.file_name == f"archived-chat-log-{sid}.txt"
         as_json = await parts.archives.archived(who, sid, "json")
-        assert as_json.body == await parts.blobs.get_bytes(json_key)
+        assert (await body_of(as_json)) == await parts.blobs.get_bytes(json_key)
         assert as_json.file_name == f"archived-chat-log-{sid}.json"
 
     # Ending again answers the ended session and writes nothing.
@@ -603,7 +641,7 @@ async def test_end_idle_ends_and_archives_quiet_sessions(parts: Components) -> N
     assert (event["session_id"], event["event"]) == (idle, "session_ended")
     assert (event["user_id"], event["reason"]) == (None, "idle")
     assert tap.archived_when_ended == [True]
-    text = (await parts.archives.archived(alice, idle, "text")).body.decode()
+    text = (await body_of(await parts.archives.archived(alice, idle, "text"))).decode()
     assert "Content: anyone there?\n" in text
     assert await parts.blobs.list("archive/") == [
         f"archive/chat_{idle}_final.json",
@@ -651,7 +689,7 @@ async def test_blob_outage_leaves_the_archive_pending_until_retried(parts: Compo
     done = await session_row(parts, sid)
     assert done.archive_state == "done"
     assert done.archive_key == f"archive/chat_{sid}_final.txt"
-    text = (await parts.archives.archived(chat.bob, sid, "text")).body.decode()
+    text = (await body_of(await parts.archives.archived(chat.bob, sid, "text"))).decode()
     assert without_generated(text) == chat.expected_text()
     assert await parts.archives.archive(sid) == "done"
 
@@ -717,8 +755,8 @@ async def test_archive_flow_on_s3(
 
         ended = await s3parts.sessions.end(alice, sid)
         assert ended.archive_state == "done"
-        archived = await s3parts.archives.archived(bob, sid, "text")
-        text = archived.body.decode()
+        archived = await body_of(await s3parts.archives.archived(bob, sid, "text"))
+        text = archived.decode()
         assert "From: Alice (" in text and "Content: the picture\n" in text
         assert f"File: pic.png (image/png, {len(data)} bytes) /files/{record.file_id}" in text
 
@@ -733,7 +771,7 @@ async def test_archive_flow_on_s3(
             ]
             obj = await s3.get_object(Bucket=bucket, Key=f"archive/chat_{sid}_final.txt")
             async with obj["Body"] as stream:
-                assert await stream.read() == archived.body
+                assert await stream.read() == archived
             assert obj["ContentType"].startswith("text/plain")
             picture_obj = await s3.head_object(Bucket=bucket, Key=f"files/{sid}/{record.file_id}")
             assert picture_obj["ContentLength"] == len(data)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from chatservice.api.deps import Caller, Parts
 from chatservice.api.responses import Responses, errors
@@ -52,8 +52,8 @@ async def archive(
 
 
 def _document(document: Document, disposition: str) -> Response:
-    return Response(
-        document.body,
+    return StreamingResponse(
+        document.chunks,
         media_type=document.content_type,
         headers={
             "Content-Disposition": content_disposition(disposition, document.file_name),

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import BinaryIO
 from zoneinfo import ZoneInfo
 
-from chatservice.blobs.base import BlobNotFound, BlobStore
+from chatservice.blobs.base import READ_CHUNK, BlobStore
 from chatservice.domain import ArchiveState, Message, Principal, Session, utcnow
 from chatservice.services.errors import InvalidInput, NotFound
 from chatservice.services.sessions import SessionService
-from chatservice.services.transcripts import TranscriptContext, json_transcript, text_transcript
+from chatservice.services.transcripts import TranscriptContext, TranscriptWriter
 from chatservice.store.archives import ArchiveStore
 from chatservice.store.files import FileStore
 from chatservice.store.messages import MessageStore
@@ -46,7 +48,7 @@ class ArchiveSettings:
 
 @dataclass(frozen=True, slots=True)
 class Document:
-    body: bytes
+    chunks: AsyncIterator[bytes]  # the body, read as it is sent
     content_type: str
     file_name: str
 
@@ -94,12 +96,10 @@ class ArchiveService:
         """The session's history as it stands now."""
         _check_format(fmt)
         session, _ = await self.sessions.require_member(principal, session_id)
-        context, messages = await self._gather(session, utcnow())
+        _, (body,) = await self._render(session, utcnow(), fmt)
         if fmt == "json":
-            body = await asyncio.to_thread(json_transcript, context, messages)
-            return Document(body, JSON_TYPE, f"chat-{session_id}.json")
-        text = await self._text(context, messages)
-        return Document(text.encode(), TEXT_TYPE, f"chat-{session_id}.txt")
+            return Document(_chunks_of(body), JSON_TYPE, f"chat-{session_id}.json")
+        return Document(_chunks_of(body), TEXT_TYPE, f"chat-{session_id}.txt")
 
     async def archived(self, principal: Principal, session_id: str, fmt: str) -> Document:
         """The transcript archived when the session ended; NotFound when there is none."""
@@ -108,14 +108,14 @@ class ArchiveService:
         key = session.archive_key if fmt == "text" else session.archive_json_key
         if session.archive_state != ArchiveState.DONE or key is None:
             raise NotFound(_no_archive_reason(session), code="ARCHIVE_NOT_FOUND")
-        try:
-            body = await self.blobs.get_bytes(key)
-        except BlobNotFound as exc:
+        if await self.blobs.size(key) is None:
             log.error("session %s records archive %s but the blob is missing", session_id, key)
-            raise NotFound("the archive is missing from storage", code="ARCHIVE_NOT_FOUND") from exc
+            raise NotFound("the archive is missing from storage", code="ARCHIVE_NOT_FOUND")
         extension = "txt" if fmt == "text" else "json"
         content_type = TEXT_TYPE if fmt == "text" else JSON_TYPE
-        return Document(body, content_type, f"archived-chat-log-{session_id}.{extension}")
+        return Document(
+            self.blobs.read(key), content_type, f"archived-chat-log-{session_id}.{extension}"
+        )
 
     # -- on end ----------------------------------------------------------------------------
 
@@ -136,19 +136,18 @@ class ArchiveService:
         if session.archive_state != ArchiveState.PENDING:
             return ArchiveState(session.archive_state)
         now = utcnow()
-        context, messages = await self._gather(session, now)
-        if not messages:
-            # As in the consultation chat, a session without messages is not archived.
-            await self.store.record_archive(
-                session_id, ArchiveState.EMPTY, text_key=None, json_key=None, now=now
-            )
-            await self.blobs.delete_prefix(snapshot_prefix(session_id))
-            return ArchiveState.EMPTY
-        text_key, json_key = final_key(session_id, "text"), final_key(session_id, "json")
-        text = await self._text(context, messages)
-        await self.blobs.put_bytes(text_key, text.encode(), TEXT_TYPE)
-        json = await asyncio.to_thread(json_transcript, context, messages)
-        await self.blobs.put_bytes(json_key, json, JSON_TYPE)
+        count, (text, json) = await self._render(session, now, "text", "json")
+        with text, json:
+            if count == 0:
+                # As in the consultation chat, a session without messages is not archived.
+                await self.store.record_archive(
+                    session_id, ArchiveState.EMPTY, text_key=None, json_key=None, now=now
+                )
+                await self.blobs.delete_prefix(snapshot_prefix(session_id))
+                return ArchiveState.EMPTY
+            text_key, json_key = final_key(session_id, "text"), final_key(session_id, "json")
+            await self.blobs.put_stream(text_key, text, TEXT_TYPE)
+            await self.blobs.put_stream(json_key, json, JSON_TYPE)
         await self.store.record_archive(
             session_id, ArchiveState.DONE, text_key=text_key, json_key=json_key, now=now
         )
@@ -195,8 +194,7 @@ class ArchiveService:
 
     async def _snapshot(self, session: Session) -> None:
         now = utcnow()
-        context, messages = await self._gather(session, now)
-        text = await self._text(context, messages)
+        _, (text,) = await self._render(session, now, "text")
         # UTC, not TRANSCRIPT_TIMEZONE: names must sort by time even across DST changes.
         stamp = now.strftime("%Y%m%d%H%M%S")
         prefix = snapshot_prefix(session.session_id)
@@ -204,7 +202,8 @@ class ArchiveService:
             # The first snapshot, or the first since a message was deleted: none of the
             # older ones may survive it (their removal may have failed at delete time).
             await self.blobs.delete_prefix(prefix)
-        await self.blobs.put_bytes(f"{prefix}{stamp}.txt", text.encode(), TEXT_TYPE)
+        with text:
+            await self.blobs.put_stream(f"{prefix}{stamp}.txt", text, TEXT_TYPE)
         await self.store.record_snapshot(session.session_id, session.last_seq)
         current = await self.sessions.store.get(session.session_id)
         if current is None or current.archive_state is not None:
@@ -216,23 +215,43 @@ class ArchiveService:
         for key in older:
             await self.blobs.delete(key)
 
-    async def _text(self, context: TranscriptContext, messages: list[Message]) -> str:
-        # Formatting a long session takes tens of milliseconds: not on the event loop.
-        return await asyncio.to_thread(text_transcript, context, messages, self.settings.language)
-
-    async def _gather(
-        self, session: Session, now: datetime
-    ) -> tuple[TranscriptContext, list[Message]]:
+    async def _render(
+        self, session: Session, now: datetime, *formats: str
+    ) -> tuple[int, list[BinaryIO]]:
+        """The session's transcript in each format, as files rewound for reading (the
+        caller closes them), and how many messages they hold."""
         detail = await self.sessions.store.detail(session)
         files = {
             record.message_id: record
             for record in await self.files.for_session(session.session_id)
             if record.message_id is not None
         }
-        messages: list[Message] = []
-        async for page in self.messages.pages(session.session_id):
-            messages.extend(page)
-        return TranscriptContext(detail, self.settings.zone, now, files), messages
+        context = TranscriptContext(detail, self.settings.zone, now, files)
+        writers = [TranscriptWriter(context, fmt, self.settings.language) for fmt in formats]
+        done: list[BinaryIO] = []
+        try:
+            async for page in self.messages.pages(session.session_id):
+                for writer in writers:
+                    # Formatting a page takes milliseconds: not on the event loop.
+                    await asyncio.to_thread(writer.add, page)
+            for writer in writers:
+                done.append(await asyncio.to_thread(writer.finish))
+        except BaseException:
+            for writer in writers:
+                writer.close()
+            for body in done:
+                body.close()
+            raise
+        return writers[0].count, done
+
+
+async def _chunks_of(body: BinaryIO) -> AsyncIterator[bytes]:
+    """A rendered transcript, read a piece at a time, then closed."""
+    try:
+        while chunk := await asyncio.to_thread(body.read, READ_CHUNK):
+            yield chunk
+    finally:
+        body.close()
 
 
 def _check_format(fmt: str) -> None:

@@ -1,18 +1,21 @@
 """Transcripts: a session's history as text, in the consultation transcript layout
 (`formatChatLog` of the consultation chat), and as JSON.
 
-Pure formatting: the archive service gathers the session, its messages and files and
-hands them here. The text layout is the consultation transcript layout: a banner, the
-session, the generation time and the message count, then one block per message (time,
+Formatting only: the archive service gathers the session, its files and its messages a
+page at a time and hands them here. The text layout is the consultation transcript layout:
+a banner, the session, the generation time and the message count, then one block per message (time,
 sender name and id, content) between separators, and a closing banner; an empty session
 is one line.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import BinaryIO
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -113,77 +116,127 @@ def _content(message: Message, context: TranscriptContext, labels: Labels) -> st
     return text
 
 
-def text_transcript(
-    context: TranscriptContext, messages: Iterable[Message], language: str = "en"
-) -> str:
-    labels = LABELS[language]
-    blocks: list[str] = []
-    count = 0
-    for message in messages:
-        count += 1
-        blocks.append(
-            f"[{context.local(message.created_at)}]\n"
-            f"{labels.sender}: {context.sender_name(message)} ({message.sender_id})\n"
-            f"{labels.content}: {_content(message, context, labels)}\n"
-            f"{SEPARATOR}\n"
-        )
-    if count == 0:
-        return labels.empty
-    session = context.detail.session
-    title = f" ({session.title})" if session.title else ""
-    header = (
-        f"{RULE}\n       {labels.title}\n{RULE}\n\n"
-        f"{labels.session}: {session.session_id}{title}\n"
-        f"{labels.generated}: {context.local(context.generated_at)}\n"
-        f"{labels.count}: {count}\n"
-        f"\n{RULE}\n\n"
+def _text_block(message: Message, context: TranscriptContext, labels: Labels) -> str:
+    return (
+        f"[{context.local(message.created_at)}]\n"
+        f"{labels.sender}: {context.sender_name(message)} ({message.sender_id})\n"
+        f"{labels.content}: {_content(message, context, labels)}\n"
+        f"{SEPARATOR}\n"
     )
-    footer = f"\n{RULE}\n{labels.end}\n{RULE}\n"
-    return header + "".join(blocks) + footer
 
 
-def json_transcript(context: TranscriptContext, messages: Iterable[Message]) -> bytes:
+def _json_message(message: Message, context: TranscriptContext) -> JSON:
+    record = context.files.get(message.message_id)
+    return {
+        "message_id": message.message_id,
+        "seq": message.seq,
+        "sender_type": message.sender_type,
+        "sender_id": message.sender_id,
+        "sender_name": context.sender_name(message),
+        "message_type": message.message_type,
+        "content": message.content,
+        "metadata": message.metadata,
+        "is_edited": message.is_edited,
+        "edited_at": isoformat(message.edited_at),
+        "created_at": isoformat(message.created_at),
+        "file": record.info() if record is not None else None,
+    }
+
+
+def _json_session(context: TranscriptContext) -> JSON:
     detail = context.detail
     session = detail.session
-    rendered: list[JSON] = []
-    for message in messages:
-        record = context.files.get(message.message_id)
-        rendered.append(
-            {
-                "message_id": message.message_id,
-                "seq": message.seq,
-                "sender_type": message.sender_type,
-                "sender_id": message.sender_id,
-                "sender_name": context.sender_name(message),
-                "message_type": message.message_type,
-                "content": message.content,
-                "metadata": message.metadata,
-                "is_edited": message.is_edited,
-                "edited_at": isoformat(message.edited_at),
-                "created_at": isoformat(message.created_at),
-                "file": record.info() if record is not None else None,
-            }
-        )
-    body: JSON = {
-        "session": {
-            "session_id": session.session_id,
-            "title": session.title,
-            "kind": session.kind,
-            "status": session.status,
-            "agent": None
-            if detail.agent is None
-            else {"id": detail.agent.id, "name": detail.agent.name},
-            "participants": [
-                {"user_id": p.user_id, "display_name": p.display_name, "role": p.role}
-                for p in detail.participants
-            ],
-            "created_at": isoformat(session.created_at),
-            "started_at": isoformat(session.started_at),
-            "ended_at": isoformat(session.ended_at),
-        },
-        "generated_at": isoformat(context.generated_at),
-        "message_count": len(rendered),
-        "messages": rendered,
-        "files": [record.info() for record in context.files.values()],
+    return {
+        "session_id": session.session_id,
+        "title": session.title,
+        "kind": session.kind,
+        "status": session.status,
+        "agent": None
+        if detail.agent is None
+        else {"id": detail.agent.id, "name": detail.agent.name},
+        "participants": [
+            {"user_id": p.user_id, "display_name": p.display_name, "role": p.role}
+            for p in detail.participants
+        ],
+        "created_at": isoformat(session.created_at),
+        "started_at": isoformat(session.started_at),
+        "ended_at": isoformat(session.ended_at),
     }
-    return orjson.dumps(body)
+
+
+class TranscriptWriter:
+    """One transcript written a page of messages at a time, so the memory it takes does
+    not grow with the session: a long session's transcript built in one piece stays
+    behind as the allocator's high-water mark, job after job.
+
+    The messages go to a temporary file as they come; `finish` puts the header (which
+    counts them) in front and the footer behind, into a second file, and hands that over
+    rewound. The calls do file I/O: run them off the event loop.
+    """
+
+    def __init__(self, context: TranscriptContext, fmt: str, language: str = "en") -> None:
+        self.context = context
+        self.fmt = fmt
+        self.count = 0
+        self._labels = LABELS[language]
+        self._body: BinaryIO = tempfile.TemporaryFile()  # closed by finish or close
+
+    def add(self, messages: Iterable[Message]) -> None:
+        body, context = self._body, self.context
+        for message in messages:
+            if self.fmt == "text":
+                body.write(_text_block(message, context, self._labels).encode())
+            else:
+                if self.count:
+                    body.write(b",")
+                body.write(orjson.dumps(_json_message(message, context)))
+            self.count += 1
+
+    def finish(self) -> BinaryIO:
+        """The whole transcript, positioned at its start; the caller closes it."""
+        whole: BinaryIO = tempfile.TemporaryFile()  # the caller's to close
+        try:
+            head, tail = self._text_ends() if self.fmt == "text" else self._json_ends()
+            whole.write(head)
+            self._body.seek(0)
+            shutil.copyfileobj(self._body, whole)
+            whole.write(tail)
+            whole.seek(0)
+        except BaseException:
+            whole.close()
+            raise
+        finally:
+            self._body.close()
+        return whole
+
+    def close(self) -> None:
+        self._body.close()
+
+    def _text_ends(self) -> tuple[bytes, bytes]:
+        labels, context = self._labels, self.context
+        if self.count == 0:
+            return labels.empty.encode(), b""
+        session = context.detail.session
+        title = f" ({session.title})" if session.title else ""
+        header = (
+            f"{RULE}\n       {labels.title}\n{RULE}\n\n"
+            f"{labels.session}: {session.session_id}{title}\n"
+            f"{labels.generated}: {context.local(context.generated_at)}\n"
+            f"{labels.count}: {self.count}\n"
+            f"\n{RULE}\n\n"
+        )
+        return header.encode(), f"\n{RULE}\n{labels.end}\n{RULE}\n".encode()
+
+    def _json_ends(self) -> tuple[bytes, bytes]:
+        context = self.context
+        head: JSON = {
+            "session": _json_session(context),
+            "generated_at": isoformat(context.generated_at),
+            "message_count": self.count,
+        }
+        files = [record.info() for record in context.files.values()]
+        # The object's closing brace gives way to the messages array, then the files.
+        return (
+            orjson.dumps(head)[:-1] + b',"messages":[',
+            b'],"files":' + orjson.dumps(files) + b"}",
+        )

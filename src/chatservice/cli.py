@@ -57,6 +57,7 @@ def serve(
     """Run the service. On the embedded SQLite database, pending migrations run first."""
     import uvicorn
 
+    from chatservice.api.direct_frames import DirectFramesProtocol
     from chatservice.api.header_limit import bounded_http_protocol
     from chatservice.api.server import DrainingServer
     from chatservice.app import create_app
@@ -92,6 +93,7 @@ def serve(
         host=host,
         port=port or settings.service_port,
         http=bounded_http_protocol(settings.max_request_header_bytes),
+        ws=DirectFramesProtocol,
         log_config=None,
         ws_max_size=max(4 * limit, 1_048_576),
         ws_ping_interval=settings.ws_heartbeat_interval,

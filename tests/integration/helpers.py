@@ -14,12 +14,14 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from chatservice import events
+from chatservice.api.direct_frames import DirectFramesProtocol
 from chatservice.api.header_limit import bounded_http_protocol
 from chatservice.components import Components
 from chatservice.domain import Message, NewSession, Principal, new_id, utcnow
 from chatservice.envelope import Envelope
 from chatservice.realtime.connection import Connection, Subscription
 from chatservice.realtime.hub import Hub
+from chatservice.realtime.sink import AwaitingSink
 from chatservice.services.messages import Draft
 from tests.conftest import new_user
 
@@ -102,10 +104,10 @@ class FakeSocket:
         self.closed: tuple[int, str] | None = None
         self.stall = stall
 
-    async def send_text(self, text: str) -> None:
+    async def send(self, frame: bytes) -> None:
         if self.stall:
             await asyncio.get_running_loop().create_future()  # never resolves
-        self.frames.append(orjson.loads(text))
+        self.frames.append(orjson.loads(frame))
 
     async def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
@@ -122,8 +124,8 @@ class FakeSocket:
 
 
 def new_connection(user_id: str, socket: FakeSocket, queue_size: int = 1024) -> Connection:
-    conn = Connection(new_id("conn"), user_id, socket.send_text, socket.close, queue_size)
-    conn.start()
+    sink = AwaitingSink(socket.send, socket.close)
+    conn = Connection(new_id("conn"), user_id, sink, queue_size)
     return conn
 
 
@@ -157,14 +159,20 @@ async def settle(seconds: float = 0.1) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: ASGIApp) -> AsyncIterator[int]:
+async def serving(app: ASGIApp, **config: Any) -> AsyncIterator[int]:
     """`app` on a real uvicorn server in this process (httptools with the `serve` head
-    cap, as `serve` runs it), on a free port; yields the port."""
+    cap and the batched WebSocket protocol, as `serve` runs it), on a free port; yields
+    the port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port: int = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, http=bounded_http_protocol(16_384), log_config=None, lifespan="off"
+        app,
+        http=bounded_http_protocol(16_384),
+        ws=DirectFramesProtocol,
+        log_config=None,
+        lifespan="off",
+        **config,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

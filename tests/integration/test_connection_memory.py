@@ -3,7 +3,8 @@
 A long-running process runs full collections rarely; whatever a closed connection leaves
 in a reference cycle stays allocated until one does, and RSS ratchets up with every peak
 of reconnects. A real uvicorn server (the `serve` protocol class) in this process: with
-the collector off, WebSockets open and close, and then no handshake protocol may remain.
+the collector off, WebSockets open and close, and then no handshake protocol and no
+WebSocket protocol may remain.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import websockets
 from fastapi import FastAPI, WebSocket
 
+from chatservice.api.direct_frames import DirectFramesProtocol, direct_sink
 from chatservice.api.header_limit import _BoundedHead
 from tests.integration.helpers import serving
 
@@ -26,8 +28,11 @@ def echo_app() -> FastAPI:
     @app.websocket("/echo")
     async def echo(websocket: WebSocket) -> None:
         await websocket.accept()
+        sink = direct_sink(websocket)  # as the service's connections write
+        assert sink is not None
+        sink.on_resume(lambda: None)
         async for text in websocket.iter_text():
-            await websocket.send_text(text)
+            sink.write([text.encode()])
 
     return app
 
@@ -38,9 +43,11 @@ async def ws_url() -> AsyncIterator[str]:
         yield f"ws://127.0.0.1:{port}/echo"
 
 
-def live_handshake_protocols() -> int:
+def live_protocols() -> int:
     # type(), not isinstance(): the heap holds weak proxies to dead objects.
-    return sum(1 for o in gc.get_objects() if issubclass(type(o), _BoundedHead))
+    return sum(
+        1 for o in gc.get_objects() if issubclass(type(o), (_BoundedHead, DirectFramesProtocol))
+    )
 
 
 @pytest.mark.parametrize("ending", ["close", "abort"])
@@ -48,7 +55,7 @@ async def test_closed_websockets_are_freed_without_the_cyclic_collector(
     ws_url: str, ending: str
 ) -> None:
     gc.collect()
-    before = live_handshake_protocols()
+    before = live_protocols()
     gc.disable()
     try:
         for _ in range(20):
@@ -61,6 +68,6 @@ async def test_closed_websockets_are_freed_without_the_cyclic_collector(
                 assert ws.transport is not None
                 ws.transport.abort()
         await asyncio.sleep(0.3)  # the server notices the last ones going
-        assert live_handshake_protocols() == before
+        assert live_protocols() == before
     finally:
         gc.enable()

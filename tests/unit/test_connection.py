@@ -8,6 +8,7 @@ import asyncio
 from chatservice.envelope import Envelope
 from chatservice.realtime.codec import NATIVE, CloseReason
 from chatservice.realtime.connection import Connection, Subscription
+from chatservice.realtime.sink import AwaitingSink
 
 CLOSE_SLOW_CONSUMER = NATIVE.close_code(CloseReason.SLOW_CONSUMER)
 
@@ -27,18 +28,17 @@ class Peer:
         self.closed: tuple[int, str] | None = None
         self.stuck = stuck
 
-    async def send(self, text: str) -> None:
+    async def send(self, frame: bytes) -> None:
         if self.stuck:
             await asyncio.Event().wait()
-        self.frames.append(text.strip('"'))
+        self.frames.append(frame.decode().strip('"'))
 
     async def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
 
 
 def connection(peer: Peer, queue_size: int = 16) -> Subscription:
-    conn = Connection("c1", "alice", peer.send, peer.close, queue_size)
-    conn.start()
+    conn = Connection("c1", "alice", AwaitingSink(peer.send, peer.close), queue_size)
     return Subscription(conn, "s1")
 
 

@@ -15,6 +15,7 @@ from chatservice.publisher import Publisher
 from chatservice.realtime.codec import NATIVE, CloseReason
 from chatservice.realtime.connection import Connection
 from chatservice.realtime.hub import Hub
+from chatservice.realtime.sink import AwaitingSink
 
 
 class History:
@@ -40,7 +41,8 @@ class Recorder:
         self.frames: list[dict[str, object]] = []
         self.raw: list[str] = []
 
-    async def send(self, text: str) -> None:
+    async def send(self, frame: bytes) -> None:
+        text = frame.decode()
         self.raw.append(text)
         if text.startswith("{"):
             self.frames.append(orjson.loads(text))
@@ -54,8 +56,7 @@ class Recorder:
 
 async def join(hub: Hub, user: str) -> tuple[Connection, Recorder]:
     recorder = Recorder()
-    conn = Connection(new_id("conn"), user, recorder.send, recorder.close, 64)
-    conn.start()
+    conn = Connection(new_id("conn"), user, AwaitingSink(recorder.send, recorder.close), 64)
     await hub.connect(conn)
     sub = await hub.subscribe(conn, "s1")
     await sub.go_live()
@@ -134,14 +135,14 @@ class CountingCodec:
     def __init__(self) -> None:
         self.encoded = 0
 
-    def frame(self, envelope: Envelope) -> str | None:
+    def frame(self, envelope: Envelope) -> bytes | None:
         self.encoded += 1
         if envelope.kind != "message":
             return None  # this protocol has no frame for the rest
-        return str(envelope.event["content"]).upper()
+        return str(envelope.event["content"]).upper().encode()
 
-    def control(self, frame: dict[str, object]) -> str:
-        return str(frame)
+    def control(self, frame: dict[str, object]) -> bytes:
+        return str(frame).encode()
 
     def close_code(self, reason: CloseReason) -> int:
         return 4000
@@ -155,9 +156,12 @@ async def test_each_codec_encodes_an_event_once_whatever_the_connections() -> No
     for i in range(5):
         recorder = Recorder()
         conn = Connection(
-            new_id("conn"), f"user{i}", recorder.send, recorder.close, 64, codec=codec
+            new_id("conn"),
+            f"user{i}",
+            AwaitingSink(recorder.send, recorder.close),
+            64,
+            codec=codec,
         )
-        conn.start()
         await hub.connect(conn)
         await (await hub.subscribe(conn, "s1")).go_live()
         shouting.append(recorder)

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from chatservice import events
+from chatservice.api.direct_frames import direct_sink
 from chatservice.api.frames import (
     FRAME_TYPES,
     CancelFrame,
@@ -35,6 +36,7 @@ from chatservice.domain import JSON, Principal, Session, isoformat, utcnow
 from chatservice.envelope import Envelope
 from chatservice.realtime.codec import NATIVE, CloseReason
 from chatservice.realtime.connection import Connection, Subscription
+from chatservice.realtime.sink import AwaitingSink
 from chatservice.services.errors import ServiceError
 from chatservice.services.messages import Draft
 from chatservice.values import UnacceptableValue, check_json
@@ -92,11 +94,13 @@ async def refuse(websocket: WebSocket, refusal: Refusal) -> None:
 def new_connection(
     parts: Components, websocket: WebSocket, conn_id: str, user_id: str, *, multiplexed: bool
 ) -> Connection:
+    sink = direct_sink(websocket) or AwaitingSink(
+        lambda frame: websocket.send_text(frame.decode()), websocket.close
+    )
     return Connection(
         conn_id,
         user_id,
-        websocket.send_text,
-        websocket.close,
+        sink,
         parts.settings.ws_send_queue_size,
         write_timeout=parts.settings.ws_write_timeout,
         multiplexed=multiplexed,

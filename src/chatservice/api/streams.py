@@ -27,6 +27,7 @@ from chatservice.api.sessions import SessionId
 from chatservice.components import Components
 from chatservice.domain import JSON, Message, SessionKind, new_id
 from chatservice.realtime.connection import Connection
+from chatservice.realtime.sink import AwaitingSink
 from chatservice.services.errors import InvalidInput
 from chatservice.services.messages import Draft
 from chatservice.values import MAX_INT
@@ -64,21 +65,20 @@ _SSE: Responses = {
 class Feed:
     """A hub connection feeding an SSE response; not counted as presence.
 
-    The connection's writer hands each frame over through a one-place queue that the
-    response drains: a client that reads slowly holds the writer, the connection's own
+    The connection's sink hands each frame over through a one-place queue that the
+    response drains: a client that reads slowly holds the sink, the connection's own
     bounded queue fills, and it is cut off like a slow WebSocket.
     """
 
     def __init__(self, parts: Components, session_id: str, user_id: str) -> None:
         self.parts = parts
         self.session_id = session_id
-        self._handoff: asyncio.Queue[str | None] = asyncio.Queue(1)
+        self._handoff: asyncio.Queue[bytes | None] = asyncio.Queue(1)
         self._ended = False
         self.conn = Connection(
             new_id("sse"),
             user_id,
-            self._handoff.put,
-            self._close,
+            AwaitingSink(self._handoff.put, self._close),
             parts.settings.ws_send_queue_size,
             presence=False,
             write_timeout=parts.settings.ws_write_timeout,
@@ -90,7 +90,6 @@ class Feed:
             self._handoff.put_nowait(None)
 
     async def open(self) -> None:
-        self.conn.start()
         await self.parts.hub.connect(self.conn)
         try:
             sub = await self.parts.hub.subscribe(self.conn, self.session_id)

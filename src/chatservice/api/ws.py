@@ -51,7 +51,6 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
             await sockets.refuse(websocket, (CloseReason.INTERNAL, "internal error; retry"))
             return False
         await websocket.accept()
-        conn.start()
 
         def connected(since_seq: int, last_seq: int) -> JSON:
             return {

@@ -59,7 +59,6 @@ async def multiplexed_socket(websocket: WebSocket) -> None:
             await sockets.refuse(websocket, (CloseReason.INTERNAL, "internal error; retry"))
             return False
         await websocket.accept()
-        conn.start()
         conn.send_control({"type": "connected", "user_id": principal.user_id})
         return True
 

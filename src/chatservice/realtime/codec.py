@@ -36,16 +36,17 @@ class CloseReason(enum.Enum):
 class Codec(Protocol):
     name: str
 
-    def frame(self, envelope: Envelope) -> str | None:
-        """The protocol's frame for an event; None when the protocol has none for it."""
+    def frame(self, envelope: Envelope) -> bytes | None:
+        """The protocol's frame for an event, as UTF-8 text; None when the protocol has
+        none for it."""
 
-    def control(self, frame: JSON) -> str:
+    def control(self, frame: JSON) -> bytes:
         """A frame of the connection itself (connected, subscribed, error, pong, …)."""
 
     def close_code(self, reason: CloseReason) -> int: ...
 
 
-def frame_for(codec: Codec, envelope: Envelope) -> str | None:
+def frame_for(codec: Codec, envelope: Envelope) -> bytes | None:
     """`codec.frame(envelope)`, computed once per event and codec on this instance."""
     frames = envelope.frames
     try:
@@ -73,11 +74,11 @@ class NativeCodec:
         CloseReason.NOT_FOUND: 4404,
     }
 
-    def frame(self, envelope: Envelope) -> str | None:
-        return envelope.payload.decode()
+    def frame(self, envelope: Envelope) -> bytes | None:
+        return envelope.payload
 
-    def control(self, frame: JSON) -> str:
-        return orjson.dumps(frame).decode()
+    def control(self, frame: JSON) -> bytes:
+        return orjson.dumps(frame)
 
     def close_code(self, reason: CloseReason) -> int:
         return self.CLOSE_CODES[reason]

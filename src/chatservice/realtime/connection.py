@@ -5,7 +5,7 @@ A connection follows one or more sessions, each through a `Subscription` that kn
 far the client has got in that session (`last_seq`, the stream chunks it has) and holds
 events back while a `since_seq` replay is read from the database. What a subscription
 lets through goes, through the connection's codec, onto the one queue of the
-connection, in order, drained by its own writer task.
+connection, in order, and from there to its sink (`realtime/sink.py`) a batch at a time.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from chatservice.domain import JSON
 from chatservice.envelope import Envelope
 from chatservice.realtime.codec import NATIVE, CloseReason, Codec, frame_for
+from chatservice.realtime.sink import FrameSink
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,6 @@ REPLAY_STALL_SECONDS = 10.0
 
 # How long a connection being closed on purpose may take to flush its last frames.
 FINISH_DRAIN_SECONDS = 5.0
-
-SendText = Callable[[str], Awaitable[None]]
-Close = Callable[[int, str], Awaitable[None]]
 
 
 class Subscription:
@@ -104,18 +101,19 @@ class Subscription:
 class Connection:
     """Frames for one client, in order, never blocking the hub.
 
-    A client that stops reading fills only its own queue; past the bound it is closed
-    as a slow consumer and recovers with `since_seq`. `multiplexed` connections (`/ws`)
-    follow sessions they subscribe to and also receive their user's own events; a
-    subscription they lose ends with a frame, not with the socket.
+    Frames queue on the connection and go to its sink together, once per turn of the
+    event loop: a burst of events costs one write to the socket, not one each. A client
+    that stops reading fills only its own queue; past the bound it is closed as a slow
+    consumer and recovers with `since_seq`. `multiplexed` connections (`/ws`) follow
+    sessions they subscribe to and also receive their user's own events; a subscription
+    they lose ends with a frame, not with the socket.
     """
 
     def __init__(
         self,
         conn_id: str,
         user_id: str,
-        send_text: SendText,
-        close: Close,
+        sink: FrameSink,
         queue_size: int,
         *,
         codec: Codec = NATIVE,
@@ -131,32 +129,30 @@ class Connection:
         self.subscriptions: dict[str, Subscription] = {}
         self.closed = False
         self.limit = queue_size
-        self._send_text = send_text
-        self._close = close
-        self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
+        self.sink = sink
+        sink.on_resume(self._flush)
+        self._pending: list[bytes] = []  # frames not yet handed to the sink
+        self._flush_scheduled = False
+        self._draining = False  # closed, but what is queued still goes out first
+        self._loop = asyncio.get_running_loop()
         # A client that reads nothing fills the socket's buffers long before its queue
-        # under light traffic; a write that cannot finish in this time marks it as slow.
-        # The hub's watchdog checks it (`check_write`): a timer per frame would cost more
-        # than the write itself.
+        # under light traffic; a sink paused for this long marks it as slow. The hub's
+        # watchdog checks it (`check_write`): a timer per frame would cost more than the
+        # write itself.
         self.write_timeout = write_timeout
-        self._send_started = 0.0  # loop time the frame being written was handed over
+        self._room = asyncio.Event()  # set whenever frames went to the sink
         self._gone = asyncio.Event()  # set once the connection is closing for any reason
-        self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         # The task reading the client's frames, while it waits for one: a connection closed
         # from our side stops it at once, instead of after the close handshake, which a
         # client that reads nothing never completes (and its presence would linger).
         self.idle_reader: asyncio.Task[Any] | None = None
         self.reader_interrupted = False
-        self._sending = 0  # 1 while the writer is handing a frame to the socket
 
     @property
     def backlog(self) -> int:
-        """Frames queued and not yet written to the socket."""
-        return self._queue.qsize() + self._sending
-
-    def start(self) -> None:
-        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.conn_id}")
+        """Frames queued and not yet handed to the socket (1 for a paused socket)."""
+        return len(self._pending) + int(self.sink.paused)
 
     def push(self, envelope: Envelope) -> None:
         """An event, live: through the codec onto the queue, or closed as slow if full."""
@@ -173,30 +169,54 @@ class Connection:
         frame = frame_for(self.codec, envelope)
         if frame is None:
             return
-        try:
-            self._queue.put_nowait(frame)
-            return
-        except asyncio.QueueFull:
-            pass
         # A replay may be longer than the queue: wait for room, but stop at once if the
         # connection closes, and give up on a client that reads nothing for too long.
-        put = asyncio.ensure_future(self._queue.put(frame))
-        gone = asyncio.ensure_future(self._gone.wait())
-        done, _ = await asyncio.wait(
-            {put, gone}, timeout=REPLAY_STALL_SECONDS, return_when=asyncio.FIRST_COMPLETED
-        )
-        put.cancel()
-        gone.cancel()
-        if put not in done:
-            self.kill(CloseReason.SLOW_CONSUMER, "client did not read its replay")
+        loop = self._loop
+        deadline = loop.time() + REPLAY_STALL_SECONDS
+        while len(self._pending) >= self.limit and not self.closed:
+            if not await self._room_or_gone(deadline - loop.time()):
+                self.kill(CloseReason.SLOW_CONSUMER, "client did not read its replay")
+                return
+        self.send_nowait(frame)
 
-    def send_nowait(self, text: str) -> None:
+    def send_nowait(self, frame: bytes) -> None:
         if self.closed:
             return
-        try:
-            self._queue.put_nowait(text)
-        except asyncio.QueueFull:
+        pending = self._pending
+        if len(pending) >= self.limit:
             self.kill(CloseReason.SLOW_CONSUMER, "send queue full; reconnect with since_seq")
+            return
+        pending.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Hand everything queued to the sink, unless it is paused (it calls again when
+        it resumes)."""
+        self._flush_scheduled = False
+        if self.closed and not self._draining:
+            return
+        if self._pending and not self.sink.paused:
+            frames, self._pending = self._pending, []
+            try:
+                self.sink.write(frames)
+            except ConnectionError:  # the peer went away; the reader notices and cleans up
+                self._mark_closed()
+                return
+        self._room.set()
+
+    async def _room_or_gone(self, timeout: float) -> bool:
+        """Wait until frames went out or the connection closes; False on timeout."""
+        self._room.clear()
+        room = asyncio.ensure_future(self._room.wait())
+        gone = asyncio.ensure_future(self._gone.wait())
+        done, _ = await asyncio.wait(
+            {room, gone}, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED
+        )
+        room.cancel()
+        gone.cancel()
+        return bool(done)
 
     def kill(self, reason: CloseReason, detail: str) -> None:
         """Close from inside a synchronous call path (the hub's fan-out)."""
@@ -215,66 +235,56 @@ class Connection:
         """Close after the frames already queued are written (e.g. "you were removed")."""
         if self.closed:
             return
-        self._mark_closed()
         self._closer = asyncio.create_task(
             self._close_after_drain(self.codec.close_code(reason), detail)
         )
+        self._mark_closed(keep_frames=True)
 
     async def _close_after_drain(self, code: int, detail: str) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), FINISH_DRAIN_SECONDS)
+        loop = self._loop
+        deadline = loop.time() + FINISH_DRAIN_SECONDS
+        while self._pending or self.sink.paused:
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), deadline - loop.time())
+            if loop.time() >= deadline:
+                break
         await self._close_quietly(code, detail)
 
     async def stop(self) -> None:
-        """The client is gone or the endpoint is done: end the writer task.
+        """The client is gone or the endpoint is done: write nothing more.
 
         A close already under way is awaited, so its close frame reaches the client
         before the server lets the socket go.
         """
         self._mark_closed()
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._writer
         if self._closer is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._closer
 
     async def _close_quietly(self, code: int, detail: str) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
+        self._draining = False
+        self._pending = []
         with contextlib.suppress(Exception):
-            await self._close(code, detail)
+            await self.sink.close(code, detail)
 
     def check_write(self, now: float) -> None:
-        """Called by the hub's watchdog: a frame whose write has not finished within the
-        write timeout (the client stopped reading) closes the connection as slow."""
+        """Called by the hub's watchdog: a socket paused for longer than the write
+        timeout (the client stopped reading) closes the connection as slow."""
         timeout = self.write_timeout
+        sink = self.sink
         if (
             timeout is not None
-            and self._sending
             and not self.closed
-            and now - self._send_started > timeout
+            and sink.paused
+            and now - sink.paused_since > timeout
         ):
             self.kill(CloseReason.SLOW_CONSUMER, "client stopped reading; reconnect with since_seq")
 
-    async def _write_loop(self) -> None:
-        queue = self._queue
-        loop = asyncio.get_running_loop()
-        send = self._send_text
-        try:
-            while True:
-                text = await queue.get()
-                self._sending = 1
-                self._send_started = loop.time()
-                await send(text)
-                self._sending = 0
-                queue.task_done()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the peer went away mid-send; the reader notices and cleans up
-            self._mark_closed()
-
-    def _mark_closed(self) -> None:
+    def _mark_closed(self, keep_frames: bool = False) -> None:
         self.closed = True
         self._gone.set()
+        self._draining = keep_frames
+        if not keep_frames:
+            self._pending = []
+            self.sink.discard()

@@ -22,11 +22,12 @@ from chatservice.agents.openai import OpenAIAgent
 from chatservice.agents.policy import UpstreamPolicy
 from chatservice.api import agents as agents_api
 from chatservice.api import archives as archives_api
-from chatservice.api import errors, health, messages, sessions, ws, ws_mux
+from chatservice.api import errors, health, messages, sessions
 from chatservice.api import files as files_api
 from chatservice.api import streams as streams_api
 from chatservice.api.limits import BodyLimitMiddleware, RouteLimit
 from chatservice.api.safety import ResponseSafety
+from chatservice.api.socket_routes import SocketRoutes
 from chatservice.auth import TokenCodec
 from chatservice.blobs.base import BlobStore
 from chatservice.blobs.local import LocalBlobStore
@@ -319,9 +320,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    # Outermost of ours (inside Starlette's own error middleware): every answer gets its
-    # headers, and every exception the layers below let through becomes a 500 here.
+    # Every answer gets its headers, and every exception the layers below let through
+    # becomes a 500 here.
     app.add_middleware(ResponseSafety)
+    # Outermost of ours (inside Starlette's own error middleware): WebSockets skip the
+    # HTTP stack.
+    app.add_middleware(SocketRoutes)
     for module in (
         health,
         sessions,
@@ -330,8 +334,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         streams_api,
         files_api,
         archives_api,
-        ws,
-        ws_mux,
     ):
         app.include_router(module.router)
     return app

@@ -10,9 +10,7 @@ and the events it causes come back through the publisher, the bus and the hub.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,7 +30,7 @@ from chatservice.api.frames import (
 )
 from chatservice.auth import AuthError
 from chatservice.components import Components
-from chatservice.domain import JSON, Principal, Session, isoformat, utcnow
+from chatservice.domain import JSON, Principal, Session, isoformat, new_id, utcnow
 from chatservice.envelope import Envelope
 from chatservice.realtime.codec import NATIVE, CloseReason
 from chatservice.realtime.connection import Connection, Subscription
@@ -92,29 +90,20 @@ async def refuse(websocket: WebSocket, refusal: Refusal) -> None:
 
 
 def new_connection(
-    parts: Components, websocket: WebSocket, conn_id: str, user_id: str, *, multiplexed: bool
+    parts: Components, websocket: WebSocket, principal: Principal, *, multiplexed: bool
 ) -> Connection:
     sink = direct_sink(websocket) or AwaitingSink(
         lambda frame: websocket.send_text(frame.decode()), websocket.close
     )
     return Connection(
-        conn_id,
-        user_id,
+        new_id("conn"),
+        principal.user_id,
         sink,
         parts.settings.ws_send_queue_size,
         write_timeout=parts.settings.ws_write_timeout,
         multiplexed=multiplexed,
+        expires_at=principal.expires_at,
     )
-
-
-def close_at_expiry(conn: Connection, principal: Principal) -> asyncio.TimerHandle | None:
-    """A connection lives no longer than its token: at `exp` it closes with 4401 and the
-    client reconnects with a fresh token (and `since_seq`, so nothing is missed)."""
-    if principal.expires_at is None:
-        return None
-    loop = asyncio.get_running_loop()
-    delay = max(0.0, principal.expires_at - time.time())
-    return loop.call_later(delay, conn.kill, CloseReason.UNAUTHORIZED, "token expired")
 
 
 def _token(websocket: WebSocket) -> str | None:
@@ -139,7 +128,6 @@ async def run(
     """A native socket's life once admitted: `begin` (connect it to the hub, accept, greet;
     False if it could not), read frames until the client or the server ends it, then
     clean up: the hub forgets it, its writer stops, typing it left on is turned off."""
-    expiry = close_at_expiry(conn, principal)
     try:
         if await begin():
             await read_frames(parts, websocket, conn, principal, target, special)
@@ -155,8 +143,6 @@ async def run(
         log.exception("WebSocket %s of %s failed", conn.conn_id, conn.user_id)
         conn.kill(CloseReason.INTERNAL, "internal error; reconnect with since_seq")
     finally:
-        if expiry is not None:
-            expiry.cancel()
         followed = list(conn.subscriptions)
         await parts.hub.disconnect(conn)
         await conn.stop()
@@ -280,18 +266,23 @@ class _InFlight:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.tasks: collections.deque[asyncio.Task[None]] = collections.deque()
+        # A list, not a deque: at most MAX_IN_FLIGHT entries, and an empty deque costs an
+        # idle connection 600 bytes more.
+        self.tasks: list[asyncio.Task[None]] = []
 
     async def add(self, work: Awaitable[None]) -> None:
-        while self.tasks and self.tasks[0].done():
-            self.tasks.popleft()
-        if len(self.tasks) >= MAX_IN_FLIGHT:
-            await asyncio.wait({self.tasks.popleft()})
-        self.tasks.append(asyncio.ensure_future(work))
+        tasks = self.tasks
+        done = 0
+        while done < len(tasks) and tasks[done].done():
+            done += 1
+        del tasks[:done]
+        if len(tasks) >= MAX_IN_FLIGHT:
+            await asyncio.wait({tasks.pop(0)})
+        tasks.append(asyncio.ensure_future(work))
 
     async def drain(self) -> None:
         while self.tasks:
-            await asyncio.wait({self.tasks.popleft()})
+            await asyncio.wait({self.tasks.pop(0)})
 
 
 async def _pipeline(

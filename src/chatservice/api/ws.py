@@ -11,20 +11,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from fastapi import APIRouter, WebSocket
+from fastapi import WebSocket
 
 from chatservice.api import sockets
 from chatservice.components import Components
-from chatservice.domain import JSON, Principal, Session, new_id
+from chatservice.domain import JSON, Principal, Session
 from chatservice.realtime.codec import CloseReason
 from chatservice.services.errors import Forbidden, NotFound
 from chatservice.values import UnacceptableValue, check_text
 
 log = logging.getLogger(__name__)
-router = APIRouter()
 
 
-@router.websocket("/ws/{session_id}")
 async def chat_socket(websocket: WebSocket, session_id: str) -> None:
     parts: Components = websocket.app.state.components
     try:
@@ -36,9 +34,7 @@ async def chat_socket(websocket: WebSocket, session_id: str) -> None:
         await sockets.refuse(websocket, admitted)
         return
     principal, session, since = admitted.principal, admitted.session, admitted.since
-    conn = sockets.new_connection(
-        parts, websocket, new_id("conn"), principal.user_id, multiplexed=False
-    )
+    conn = sockets.new_connection(parts, websocket, principal, multiplexed=False)
 
     async def begin() -> bool:
         await parts.hub.connect(conn)

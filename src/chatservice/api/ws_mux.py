@@ -15,24 +15,22 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, WebSocket
+from fastapi import WebSocket
 
 from chatservice.api import sockets
 from chatservice.components import Components
-from chatservice.domain import JSON, Principal, Session, isoformat, new_id, utcnow
+from chatservice.domain import JSON, Principal, Session, isoformat, utcnow
 from chatservice.realtime.codec import CloseReason
 from chatservice.realtime.connection import Connection
 from chatservice.services.errors import Forbidden, NotFound
 from chatservice.values import UnacceptableValue, check_text
 
 log = logging.getLogger(__name__)
-router = APIRouter()
 
 # Sessions one socket may follow at once; a client showing more unsubscribes first.
 MAX_SUBSCRIPTIONS = 500
 
 
-@router.websocket("/ws")
 async def multiplexed_socket(websocket: WebSocket) -> None:
     parts: Components = websocket.app.state.components
     refusal = sockets.check_origin(parts, websocket)
@@ -44,9 +42,7 @@ async def multiplexed_socket(websocket: WebSocket) -> None:
     if refusal is not None:
         await sockets.refuse(websocket, refusal)
         return
-    conn = sockets.new_connection(
-        parts, websocket, new_id("conn"), principal.user_id, multiplexed=True
-    )
+    conn = sockets.new_connection(parts, websocket, principal, multiplexed=True)
     followed = _Followed(parts, conn, principal)
 
     async def begin() -> bool:

@@ -120,6 +120,7 @@ class Connection:
         presence: bool = True,
         write_timeout: float | None = None,
         multiplexed: bool = False,
+        expires_at: float | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.user_id = user_id
@@ -140,8 +141,13 @@ class Connection:
         # watchdog checks it (`check_write`): a timer per frame would cost more than the
         # write itself.
         self.write_timeout = write_timeout
-        self._room = asyncio.Event()  # set whenever frames went to the sink
-        self._gone = asyncio.Event()  # set once the connection is closing for any reason
+        # A connection lives no longer than its token (epoch seconds): the watchdog closes
+        # it with 4401 and the client reconnects with a fresh one and `since_seq`.
+        self.expires_at = expires_at
+        # Made when first waited on: most connections never wait, and an idle connection's
+        # memory is what caps how many one process holds.
+        self._room: asyncio.Event | None = None  # set whenever frames went to the sink
+        self._gone: asyncio.Event | None = None  # set once the connection is closing
         self._closer: asyncio.Task[None] | None = None
         # The task reading the client's frames, while it waits for one: a connection closed
         # from our side stops it at once, instead of after the close handshake, which a
@@ -204,12 +210,22 @@ class Connection:
             except ConnectionError:  # the peer went away; the reader notices and cleans up
                 self._mark_closed()
                 return
-        self._room.set()
+        if self._room is not None:
+            self._room.set()
+
+    def _room_event(self) -> asyncio.Event:
+        if self._room is None:
+            self._room = asyncio.Event()
+        self._room.clear()
+        return self._room
 
     async def _room_or_gone(self, timeout: float) -> bool:
         """Wait until frames went out or the connection closes; False on timeout."""
-        self._room.clear()
-        room = asyncio.ensure_future(self._room.wait())
+        if self._gone is None:
+            self._gone = asyncio.Event()
+            if self.closed:
+                self._gone.set()
+        room = asyncio.ensure_future(self._room_event().wait())
         gone = asyncio.ensure_future(self._gone.wait())
         done, _ = await asyncio.wait(
             {room, gone}, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED
@@ -244,9 +260,9 @@ class Connection:
         loop = self._loop
         deadline = loop.time() + FINISH_DRAIN_SECONDS
         while self._pending or self.sink.paused:
-            self._room.clear()
+            room = self._room_event()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room.wait(), deadline - loop.time())
+                await asyncio.wait_for(room.wait(), deadline - loop.time())
             if loop.time() >= deadline:
                 break
         await self._close_quietly(code, detail)
@@ -268,22 +284,23 @@ class Connection:
         with contextlib.suppress(Exception):
             await self.sink.close(code, detail)
 
-    def check_write(self, now: float) -> None:
-        """Called by the hub's watchdog: a socket paused for longer than the write
-        timeout (the client stopped reading) closes the connection as slow."""
+    def check(self, now: float, wall: float) -> None:
+        """Called by the hub's watchdog (`now` the loop's time, `wall` epoch seconds): a
+        socket paused for longer than the write timeout (the client stopped reading)
+        closes the connection as slow; an expired token closes it as unauthorised."""
+        if self.closed:
+            return
         timeout = self.write_timeout
         sink = self.sink
-        if (
-            timeout is not None
-            and not self.closed
-            and sink.paused
-            and now - sink.paused_since > timeout
-        ):
+        if timeout is not None and sink.paused and now - sink.paused_since > timeout:
             self.kill(CloseReason.SLOW_CONSUMER, "client stopped reading; reconnect with since_seq")
+        elif self.expires_at is not None and wall >= self.expires_at:
+            self.kill(CloseReason.UNAUTHORIZED, "token expired")
 
     def _mark_closed(self, keep_frames: bool = False) -> None:
         self.closed = True
-        self._gone.set()
+        if self._gone is not None:
+            self._gone.set()
         self._draining = keep_frames
         if not keep_frames:
             self._pending = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Protocol
 
 from chatservice import events
@@ -27,9 +28,9 @@ from chatservice.realtime.connection import Connection, Subscription
 
 log = logging.getLogger(__name__)
 
-# How often the write watchdog looks: a stalled client is closed at most this long after
-# its write timeout.
-WRITE_CHECK_SECONDS = 0.5
+# How often the watchdog looks: a stalled client is closed at most this long after its
+# write timeout, an expired token's connection at most this long after `exp`.
+CHECK_SECONDS = 0.5
 
 
 class History(Protocol):
@@ -206,7 +207,7 @@ class Hub:
 
     async def start(self) -> None:
         self._heartbeats = asyncio.create_task(self._beat_forever(), name="presence-heartbeat")
-        self._watchdog = asyncio.create_task(self._watch_writes(), name="write-watchdog")
+        self._watchdog = asyncio.create_task(self._watch(), name="connection-watchdog")
 
     async def stop(self) -> None:
         for task in (self._heartbeats, self._watchdog):
@@ -402,15 +403,16 @@ class Hub:
             if session_id != ANYWHERE:
                 await self._announce(session_id, "user_left", user_id)
 
-    async def _watch_writes(self) -> None:
-        """Every `WRITE_CHECK_SECONDS`, close connections whose current write has outlasted
-        their write timeout (one pass over the connections instead of a timer per frame)."""
+    async def _watch(self) -> None:
+        """Every `CHECK_SECONDS`, close connections whose socket has been paused for longer
+        than their write timeout, or whose token expired: one pass over the connections
+        instead of a timer per frame and one per connection."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(WRITE_CHECK_SECONDS)
-            now = loop.time()
+            await asyncio.sleep(CHECK_SECONDS)
+            now, wall = loop.time(), time.time()
             for conn in self._connections():
-                conn.check_write(now)
+                conn.check(now, wall)
 
     async def _beat_forever(self) -> None:
         while True:

@@ -1,0 +1,48 @@
+"""The WebSocket endpoints' routing, in front of the HTTP stack.
+
+A WebSocket's ASGI call lasts as long as the socket. Routed through FastAPI, each one
+keeps a dozen middleware and routing coroutines alive for that whole time, with three
+`AsyncExitStack`s for dependencies the endpoints do not use: about a third of an idle
+connection's memory, which is what caps how many connections one process holds. None of
+those layers does anything for a WebSocket (the HTTP middleware pass them through;
+origin, token and size checks are the endpoints' own), so these routes are matched
+first and called directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from chatservice.api.ws import chat_socket
+from chatservice.api.ws_mux import multiplexed_socket
+
+
+class SocketRoutes:
+    """ASGI middleware: `/ws` and `/ws/{session_id}` go straight to their endpoints."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            endpoint = _route(scope["path"])
+            if endpoint is not None:
+                await endpoint(WebSocket(scope, receive, send))
+                return
+        await self.app(scope, receive, send)
+
+
+def _route(path: str) -> Callable[[WebSocket], Awaitable[None]] | None:
+    if path == "/ws":
+        return multiplexed_socket
+    prefix, slash, session_id = path.rpartition("/")
+    if prefix == "/ws" and slash and session_id:
+
+        async def single(websocket: WebSocket) -> None:
+            await chat_socket(websocket, session_id)
+
+        return single
+    return None

@@ -187,7 +187,10 @@ class MessageStore:
             by_session.setdefault(message.session_id, []).append(message)
         async with self.db.write() as conn:
             now: Any = utcnow() if self.db.is_sqlite else func.clock_timestamp()
-            for session_id, own in by_session.items():
+            # Sessions in one order on every instance: two groups locking the same rows in
+            # opposite orders would deadlock on PostgreSQL.
+            for session_id in sorted(by_session):
+                own = by_session[session_id]
                 row = await _take_seqs(conn, session_id, len(own), now)
                 if row is None:
                     raise SessionNotWritable(session_id)

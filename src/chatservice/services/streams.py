@@ -198,12 +198,15 @@ class StreamService:
                     )
                     held.keep()
                     try:
-                        while (
-                            not self._closing
-                            and not held.lost
-                            and (pending := await self.store.next_unanswered(session_id))
-                        ):
-                            await self._answer(session_id, pending)
+                        while not self._closing and not held.lost:
+                            # Together: both are on the way to the upstream's first token.
+                            pending, current = await asyncio.gather(
+                                self.store.next_unanswered(session_id),
+                                self.sessions.store.get(session_id),
+                            )
+                            if pending is None or current is None:
+                                break
+                            await self._answer(current, pending)
                     finally:
                         await held.stop()
                         if not held.lost:
@@ -236,10 +239,8 @@ class StreamService:
             self._lost.add(message_id)
             cancel.set()
 
-    async def _answer(self, session_id: str, question: Message) -> None:
-        current = await self.sessions.store.get(session_id)
-        if current is None:
-            return
+    async def _answer(self, current: Session, question: Message) -> None:
+        session_id = current.session_id
         agent = await self.agents.get(current.agent_id) if current.agent_id is not None else None
         if agent is None or agent.backend not in self.backends:
             # Answer with an error rather than skip, so the queue moves on.

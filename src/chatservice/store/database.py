@@ -11,6 +11,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from chatservice.store import migrate
+from chatservice.store.sqlite_inline import inline_creator
 
 
 class SchemaOutOfDate(Exception):
@@ -31,8 +32,14 @@ class Database:
         # Statement parameters are message contents and metadata: never in an error
         # message or a log line.
         options: dict[str, Any] = {"hide_parameters": True}
-        if not self.is_sqlite:
-            options |= {"pool_size": pool_size, "max_overflow": max_overflow, "pool_pre_ping": True}
+        if self.is_sqlite:
+            options["async_creator"] = inline_creator(url)
+        else:
+            # No `pool_pre_ping`: it is a `SELECT 1` round trip before every transaction,
+            # a fifth of a message's commit. A connection the server dropped fails its
+            # next statement instead; SQLAlchemy then discards the pool's connections, and
+            # that one request is answered as an internal error the client retries.
+            options |= {"pool_size": pool_size, "max_overflow": max_overflow}
         self.engine: AsyncEngine = create_async_engine(url, **options)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)

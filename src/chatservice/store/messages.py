@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -66,27 +66,49 @@ MAX_GROUP = 128
 _WRITABLE = or_(*(chat_sessions.c.status == status for status in WRITABLE_STATUSES))
 
 
+def _take_seqs_statement(now: Any, *guards: Any, **values: Any) -> Any:
+    s = chat_sessions
+    return (
+        update(s)
+        .where(s.c.session_id == bindparam("take_session_id"), _WRITABLE, *guards)
+        .values(
+            last_seq=s.c.last_seq + bindparam("take_count"),
+            updated_at=now,
+            status=SessionStatus.ACTIVE.value,
+            started_at=func.coalesce(s.c.started_at, now),
+            **values,
+        )
+        .returning(s.c.last_seq, s.c.updated_at)
+    )
+
+
+# The plain case, on the hot path of every send, built once: a statement made per call
+# costs SQLAlchemy more to construct and to key its compiled-SQL cache than SQLite takes to
+# run it. SQLite is given the time from Python (see `_append_group`), PostgreSQL reads its
+# own clock once the row lock is held.
+_TAKE_SEQS_SQLITE = _take_seqs_statement(
+    bindparam("take_now", type_=chat_sessions.c.updated_at.type)
+)
+_TAKE_SEQS_POSTGRES = _take_seqs_statement(func.clock_timestamp())
+
+
 async def _take_seqs(
     conn: AsyncConnection, session_id: str, count: int, now: Any, *guards: Any, **values: Any
 ) -> Any:
     """Move a writable session's `last_seq` on by `count` under its row lock; returns the
     row (`last_seq`, `updated_at`), or None when the session is not writable or a guard
-    does not hold."""
-    s = chat_sessions
-    return (
-        await conn.execute(
-            update(s)
-            .where(s.c.session_id == session_id, _WRITABLE, *guards)
-            .values(
-                last_seq=s.c.last_seq + count,
-                updated_at=now,
-                status=SessionStatus.ACTIVE.value,
-                started_at=func.coalesce(s.c.started_at, now),
-                **values,
-            )
-            .returning(s.c.last_seq, s.c.updated_at)
+    does not hold. `now` is a datetime (SQLite) or None (PostgreSQL's clock)."""
+    params: dict[str, Any] = {"take_session_id": session_id, "take_count": count}
+    if guards or values:
+        statement = _take_seqs_statement(
+            func.clock_timestamp() if now is None else now, *guards, **values
         )
-    ).first()
+    elif now is None:
+        statement = _TAKE_SEQS_POSTGRES
+    else:
+        statement = _TAKE_SEQS_SQLITE
+        params["take_now"] = now
+    return (await conn.execute(statement, params)).first()
 
 
 async def _is_writable(conn: AsyncConnection, session_id: str) -> bool:
@@ -186,7 +208,7 @@ class MessageStore:
         for message in messages:
             by_session.setdefault(message.session_id, []).append(message)
         async with self.db.write() as conn:
-            now: Any = utcnow() if self.db.is_sqlite else func.clock_timestamp()
+            now = utcnow() if self.db.is_sqlite else None
             # Sessions in one order on every instance: two groups locking the same rows in
             # opposite orders would deadlock on PostgreSQL.
             for session_id in sorted(by_session):
@@ -227,7 +249,7 @@ class MessageStore:
                 # order (time cursors and seq cursors must page the same history). On
                 # PostgreSQL the database clock is read after the lock wait; SQLite's
                 # writers are already serialised by the in-process write lock.
-                now: Any = utcnow() if self.db.is_sqlite else func.clock_timestamp()
+                now = utcnow() if self.db.is_sqlite else None
                 s = chat_sessions
                 answering = answers_seq is not None
                 row = await _take_seqs(

@@ -127,7 +127,7 @@ async def run(
 ) -> None:
     """A native socket's life once admitted: `begin` (connect it to the hub, accept, greet;
     False if it could not), read frames until the client or the server ends it, then
-    clean up: the hub forgets it, its writer stops, typing it left on is turned off."""
+    clean up: the hub forgets it, it writes nothing more, typing it left on is turned off."""
     try:
         if await begin():
             await read_frames(parts, websocket, conn, principal, target, special)

@@ -138,7 +138,7 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         # A client that reads nothing fills the socket's buffers long before its queue
         # under light traffic; a sink paused for this long marks it as slow. The hub's
-        # watchdog checks it (`check_write`): a timer per frame would cost more than the
+        # watchdog checks it (`check`): a timer per frame would cost more than the
         # write itself.
         self.write_timeout = write_timeout
         # A connection lives no longer than its token (epoch seconds): the watchdog closes

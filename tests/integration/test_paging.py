@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -190,3 +191,51 @@ async def test_total_counts_the_whole_session_not_the_page(parts: Components) ->
     await parts.messages.send(alice, other, Draft(content="elsewhere"))
     page = await parts.messages.page(alice, sid, before="2", after=None, limit=1)
     assert ([m.seq for m in page.messages], page.total) == ([1], 3)
+
+
+async def test_total_leaves_out_deleted_messages(parts: Components) -> None:
+    alice, bob = users(2)
+    sid = await group(parts, alice, bob)
+    other = await group(parts, alice, bob)
+    sent = [
+        (await parts.messages.send(alice, sid, Draft(content=f"m{i}"))).message for i in range(1, 6)
+    ]
+    elsewhere = (await parts.messages.send(alice, other, Draft(content="elsewhere"))).message
+    await parts.messages.delete(alice, sent[1].message_id)
+    await parts.messages.delete(alice, sent[3].message_id)
+    await parts.messages.delete(alice, elsewhere.message_id)
+    page = await parts.messages.page(bob, sid, before=None, after=None, limit=50)
+    assert ([m.seq for m in page.messages], page.total) == ([1, 3, 5], 3)
+    assert (await parts.messages.page(bob, other, before=None, after=None, limit=50)).total == 0
+    # A message sent after the deletions counts once more.
+    await parts.messages.send(bob, sid, Draft(content="m6"))
+    page = await parts.messages.page(bob, sid, before="6", after=None, limit=1)
+    assert ([m.seq for m in page.messages], page.total) == ([5], 4)
+
+
+async def test_time_cursors_page_like_the_stored_times_when_commits_share_a_time(
+    parts: Components,
+) -> None:
+    """Messages committed together share one time; a time cursor must still mean exactly
+    "stored after" / "stored before" that time, whichever message it came from."""
+    alice, bob = users(2)
+    sid = await group(parts, alice, bob)
+    for burst in range(4):
+        await asyncio.gather(
+            *(
+                parts.messages.send(alice if i % 2 else bob, sid, Draft(content=f"b{burst}.{i}"))
+                for i in range(5)
+            )
+        )
+    stored = (await parts.messages.page(alice, sid, before=None, after=None, limit=50)).messages
+    assert [m.seq for m in stored] == list(range(1, 21))
+    for message in stored:
+        moment = as_utc(message.created_at)
+        assert moment is not None
+        stamp = isoformat(moment)
+        later = [m.seq for m in stored if as_utc(m.created_at) > moment]  # type: ignore[operator]
+        earlier = [m.seq for m in stored if as_utc(m.created_at) < moment]  # type: ignore[operator]
+        after = await parts.messages.page(alice, sid, before=None, after=stamp, limit=50)
+        before = await parts.messages.page(alice, sid, before=stamp, after=None, limit=50)
+        assert [m.seq for m in after.messages] == later
+        assert [m.seq for m in before.messages] == earlier

@@ -59,6 +59,8 @@ def message_from_row(row: Any) -> Message:
 
 # Most messages one commit carries; more wait for the next one.
 MAX_GROUP = 128
+# Above any seq a session can reach (the column is a 32-bit integer).
+_BEYOND_EVERY_SEQ = 2**31 - 1
 
 
 # On the hot path of every send: an IN over fixed values is an "expanding" parameter that
@@ -134,6 +136,48 @@ def _row(message: Message) -> dict[str, Any]:
         "latency_ms": message.latency_ms,
         "created_at": message.created_at,
     }
+
+
+def _seq_bound(session_id: str, moment: datetime, newer: bool) -> Any:
+    """A time cursor as a bound on seq: `created_at > moment` (newer) or `< moment`.
+
+    Within a session `created_at` follows seq order (the time is read under the session's
+    row lock), so the bound selects the same messages as filtering on the time; but it is
+    one probe of the (session, created_at, seq) index, where the filter is applied to every
+    row the seq index walks past on the way to the page.
+    """
+    m = chat_messages
+    mine = m.c.session_id == session_id
+    if newer:
+        last_before = (
+            select(m.c.seq)
+            .where(mine, m.c.created_at <= moment)
+            .order_by(m.c.created_at.desc(), m.c.seq.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+        return m.c.seq > func.coalesce(last_before, 0)
+    first_after = (
+        select(m.c.seq)
+        .where(mine, m.c.created_at >= moment)
+        .order_by(m.c.created_at, m.c.seq)
+        .limit(1)
+        .scalar_subquery()
+    )
+    return m.c.seq < func.coalesce(first_after, _BEYOND_EVERY_SEQ)
+
+
+def _visible_count(session_id: str) -> Any:
+    """How many visible messages the session holds, without reading them: seqs are
+    gap-free, one per stored message (taken in the transaction that inserts it), and
+    messages are only ever soft-deleted; the deleted ones come from a partial index."""
+    m, s = chat_messages, chat_sessions
+    deleted = (
+        select(func.count())
+        .where(m.c.session_id == session_id, m.c.deleted_at.is_not(None))
+        .scalar_subquery()
+    )
+    return select(s.c.last_seq - deleted).where(s.c.session_id == session_id)
 
 
 class MessageStore:
@@ -341,8 +385,7 @@ class MessageStore:
             if cursor.seq is not None:
                 conditions.append(m.c.seq > cursor.seq if newer else m.c.seq < cursor.seq)
             elif cursor.moment is not None:
-                moment = as_utc(cursor.moment)
-                conditions.append(m.c.created_at > moment if newer else m.c.created_at < moment)
+                conditions.append(_seq_bound(session_id, as_utc(cursor.moment), newer))
         # Walking forward only when the caller gave `after`; otherwise newest first.
         forward = after is not None
         order = m.c.seq.asc() if forward else m.c.seq.desc()
@@ -350,11 +393,7 @@ class MessageStore:
             rows = (
                 await conn.execute(select(m).where(*conditions).order_by(order).limit(limit + 1))
             ).all()
-            total = (
-                await conn.execute(
-                    select(func.count()).where(m.c.session_id == session_id, _VISIBLE)
-                )
-            ).scalar_one()
+            total = (await conn.execute(_visible_count(session_id))).scalar_one_or_none() or 0
         has_more = len(rows) > limit
         rows = list(rows[:limit])
         if not forward:

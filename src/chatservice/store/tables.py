@@ -135,6 +135,21 @@ chat_messages = Table(
 Index("idx_chat_messages_session_id", chat_messages.c.session_id)
 Index("idx_chat_messages_sender_id", chat_messages.c.sender_id)
 Index("idx_chat_messages_created_at", chat_messages.c.created_at)
+# History paging stays flat however long a session grows: a time cursor becomes a seq in
+# one probe, and a page's total is `last_seq` less the session's deleted messages, which
+# this partial index finds without reading the live ones.
+Index(
+    "idx_chat_messages_session_created",
+    chat_messages.c.session_id,
+    chat_messages.c.created_at,
+    chat_messages.c.seq,
+)
+Index(
+    "idx_chat_messages_session_deleted",
+    chat_messages.c.session_id,
+    postgresql_where=chat_messages.c.deleted_at.is_not(None),
+    sqlite_where=chat_messages.c.deleted_at.is_not(None),
+)
 
 chat_files = Table(
     "chat_files",

@@ -103,6 +103,22 @@ async def test_order_per_channel_is_publish_order(world: BusWorld) -> None:
     assert inbox.on(channel) == sent
 
 
+async def test_publishes_made_together_arrive_in_the_order_they_were_made(
+    world: BusWorld,
+) -> None:
+    """Publishes started in one loop turn (a group commit releases many at once) each
+    return once sent, and arrive in the order they were started, across channels."""
+    bus, other = await world.instance(), await world.instance()
+    channels = [unique("together1"), unique("together2")]
+    inbox = Inbox()
+    await bus.subscribe(channels, inbox)
+    sent = [(channels[i % 2], str(i).encode()) for i in range(600)]
+    await asyncio.gather(*(other.publish(channel, data) for channel, data in sent))
+    await inbox.wait_count(600, timeout=10)
+    await barrier(other, bus)
+    assert inbox.got == sent
+
+
 async def test_unsubscribe_stops_delivery(world: BusWorld) -> None:
     bus, other = await world.instance(), await world.instance()
     channel = unique("unsub")
@@ -318,6 +334,12 @@ async def test_redis_bus_survives_its_redis_being_killed_and_started_again(
             await asyncio.wait_for(bus.ping(), 10)
         await asyncio.wait_for(bus.publish(channel, b"while down"), 10)
         assert inbox.data == [b"before", b"while down"]
+        # Many at once too, each once, in order.
+        together = [f"down {i}".encode() for i in range(20)]
+        await asyncio.wait_for(
+            asyncio.gather(*(bus.publish(channel, data) for data in together)), 10
+        )
+        assert inbox.data == [b"before", b"while down", *together]
 
         redis.start()
         await eventually(lambda: bool(reconnects), 15, "the on_reconnect listener")
@@ -327,7 +349,7 @@ async def test_redis_bus_survives_its_redis_being_killed_and_started_again(
         await publisher.publish(channel, b"after")
         await inbox.wait_for(b"after")
         await bus.ping()
-        assert inbox.data == [b"before", b"while down", b"after"]
+        assert inbox.data == [b"before", b"while down", *together, b"after"]
         assert reconnects == ["bus"]
     finally:
         redis.stop()

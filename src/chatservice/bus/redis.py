@@ -29,6 +29,8 @@ SUBSCRIBE_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 2.0
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
+# Most publishes one pipeline carries; more go in the next.
+MAX_PIPELINE = 256
 
 
 class RedisBus:
@@ -43,6 +45,8 @@ class RedisBus:
         self._connected = asyncio.Event()
         self._reconnect_listeners: list[Reconnected] = []
         self._closing = False
+        self._outgoing: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self._sender: asyncio.Task[None] | None = None
 
     def on_reconnect(self, listener: Reconnected) -> None:
         self._reconnect_listeners.append(listener)
@@ -57,7 +61,7 @@ class RedisBus:
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._reader, self._notifier):
+        for task in (self._reader, self._notifier, self._sender):
             if task is not None:
                 task.cancel()
         # Closing the pub/sub connection also ends a read that swallowed the cancel
@@ -75,18 +79,66 @@ class RedisBus:
             raise ConnectionError("the pub/sub link to Redis is reconnecting")
 
     async def publish(self, channel: str, data: bytes) -> None:
+        """Returns once Redis has the message (or it was delivered locally only).
+
+        Publishes made while one is on its way go out together as one pipeline: under
+        load a commit releases many messages in the same loop turn, and a round trip
+        each would queue them behind one another. One sender also keeps them in order.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outgoing.append((channel, data, done))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_outgoing(), name="redis-bus-sender")
+        await done
+
+    async def _send_outgoing(self) -> None:
+        batch: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        try:
+            while self._outgoing:
+                batch = self._outgoing[:MAX_PIPELINE]
+                del self._outgoing[:MAX_PIPELINE]
+                failure: Exception | None = None
+                try:
+                    await self._send(batch)
+                except Exception as exc:  # a bug, not Redis: each caller hears of it
+                    failure = exc
+                for _, _, done in batch:
+                    if done.done():
+                        continue
+                    if failure is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(failure)
+        finally:
+            # Cancelled (shutdown): nobody may wait forever on a publish.
+            for _, _, done in batch + self._outgoing:
+                if not done.done():
+                    done.cancel()
+            self._outgoing.clear()
+            self._sender = None
+
+    async def _send(self, batch: list[tuple[str, bytes, asyncio.Future[None]]]) -> None:
         # Twice: after a Redis restart the pool's idle connections are dead, and the
         # first command on each fails although Redis is back.
         for attempt in (1, 2):
             try:
-                await self.redis.publish(channel, data)
+                if len(batch) == 1:
+                    await self.redis.publish(batch[0][0], batch[0][1])
+                else:
+                    pipeline = self.redis.pipeline(transaction=False)
+                    for channel, data, _ in batch:
+                        pipeline.publish(channel, data)
+                    await pipeline.execute()
                 return
             except (RedisError, OSError) as exc:
                 if attempt == 2:
                     log.warning(
-                        "redis publish on %s failed (%s); delivering locally only", channel, exc
+                        "redis publish of %d message(s) failed (%s); delivering locally only",
+                        len(batch),
+                        exc,
                     )
-        self._dispatch(channel, data)
+        for channel, data, _ in batch:
+            self._dispatch(channel, data)
 
     async def subscribe(self, channels: Sequence[str], handler: Handler) -> None:
         loop = asyncio.get_running_loop()

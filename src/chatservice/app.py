@@ -48,12 +48,13 @@ from chatservice.publisher import Publisher
 from chatservice.realtime.codec import CloseReason
 from chatservice.realtime.hub import Hub
 from chatservice.services.agents import AgentService
+from chatservice.services.answers import Answerer, StreamLimits
 from chatservice.services.archives import ArchiveService, ArchiveSettings
 from chatservice.services.files import FileLimits, FileService
 from chatservice.services.messages import MessageService
 from chatservice.services.scheduler import Job, Scheduler
 from chatservice.services.sessions import SessionService
-from chatservice.services.streams import StreamLimits, StreamService
+from chatservice.services.streams import StreamService
 from chatservice.services.typing import TypingService
 from chatservice.store.agents import AgentStore
 from chatservice.store.archives import ArchiveStore
@@ -131,22 +132,27 @@ def build_components(settings: Settings) -> Components:
             policy=upstreams,
         ),
     }
+    stream_limits = StreamLimits(
+        total_timeout=settings.agent_timeout,
+        context_messages=settings.agent_context_messages,
+        context_chars=settings.agent_context_chars,
+        lease_seconds=settings.agent_lease_seconds,
+    )
     stream_service = StreamService(
         sessions=session_service,
-        messages=message_service,
         store=message_store,
-        agents=agent_store,
-        backends=backends,
+        answerer=Answerer(
+            store=message_store,
+            agents=agent_store,
+            backends=backends,
+            buffer=buffer,
+            publisher=publisher,
+            limits=stream_limits,
+        ),
         buffer=buffer,
         locks=locks,
         bus=bus,
-        publisher=publisher,
-        limits=StreamLimits(
-            total_timeout=settings.agent_timeout,
-            context_messages=settings.agent_context_messages,
-            context_chars=settings.agent_context_chars,
-            lease_seconds=settings.agent_lease_seconds,
-        ),
+        limits=stream_limits,
     )
     blobs = build_blob_store(settings)
     file_store = FileStore(database)

@@ -53,7 +53,7 @@ async def live(parts: Components, fake_openai: FakeOpenAI) -> AsyncIterator[Comp
     """`parts` with the answer service running: demo at 10 chars / 20 ms, and the openai
     backend with a 1 s stall timeout (the real class, talking HTTP through the SDK), allowed
     to call the fake upstream."""
-    parts.streams.backends["demo"] = DemoAgent(CHUNK, DELAY_MS)
+    parts.streams.answerer.backends["demo"] = DemoAgent(CHUNK, DELAY_MS)
     policy = UpstreamPolicy(
         default_base_url="http://127.0.0.1:9/v1", allowed_base_urls=[fake_openai.base_url]
     )
@@ -66,7 +66,7 @@ async def live(parts: Components, fake_openai: FakeOpenAI) -> AsyncIterator[Comp
         total_timeout=20.0,
         policy=policy,
     )
-    parts.streams.backends["openai"] = upstream
+    parts.streams.answerer.backends["openai"] = upstream
     await parts.streams.start()
     yield parts
     await parts.streams.stop()

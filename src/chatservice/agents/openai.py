@@ -94,7 +94,9 @@ class OpenAIAgent:
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(chunks.__anext__(), self.stall_timeout)
+                    # A deadline on this task, not `wait_for`'s task per chunk.
+                    async with asyncio.timeout(self.stall_timeout):
+                        chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     return
                 except TimeoutError as exc:

@@ -50,16 +50,17 @@ Parts (each starts its own servers and tears them down before the next):
     `--cancel-answer-chunks` chunks), or with `--cancel-agent openai` an `openai` agent on
     the fake upstream (`--cancel-answer-chunks` pieces, `--cancel-delay-ms` apart).
 
-How servers, databases and redis-server are started, and how CPU is measured, comes from
-`bench/ws_fanout.py` (imported, not copied): fixed JWT_SECRET_KEY (tokens minted here),
-LOG_LEVEL=WARNING, RATE_LIMIT_ENABLED=false, SQLite in a temporary DATA_DIR or a fresh
-PostgreSQL database on BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/test,
-migrated, dropped at the end), `--db-pool` connections per instance without overflow.
-Each report shows the CPU share of one core each of this run's processes used during the
-measurement (server(s), upstream fake, this client, redis-server, PostgreSQL backends), how
-many cores the whole machine was busy and how many of them outside this benchmark ("other
-load"), and the busiest other processes. `--wait-quiet S` first waits up to S s for an
-idle machine.
+Servers, databases and redis-server are started, and CPU is measured, by bench/harness, as
+in every bench script: fixed JWT_SECRET_KEY (tokens minted here), LOG_LEVEL=WARNING,
+RATE_LIMIT_ENABLED=false, SQLite in a temporary DATA_DIR or a fresh PostgreSQL database on
+BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/test, migrated, dropped
+at the end), `--db-pool` connections per instance without overflow; the caller's STREAM_*,
+AGENT_* and OPENAI_* settings are left out so they cannot change a scenario. Each report
+shows the CPU share of one core each of this run's processes used during the measurement
+(server(s), upstream fake, redis-server, this client, PostgreSQL backends), how many cores
+the whole machine was busy and how many of them outside this benchmark ("other load"),
+and the busiest other processes. `--wait-quiet S` first waits up to S s for an idle
+machine.
 
 Every wait is bounded; servers, the fake upstream, redis-server, the temporary directory
 and the database are cleaned up on success, errors, Ctrl-C and SIGTERM. Only 127.0.0.1.
@@ -76,13 +77,11 @@ import math
 import multiprocessing as mp
 import os
 import re
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
@@ -91,45 +90,26 @@ from typing import Any, cast
 
 import httpx
 import orjson
-from ws_fanout import (
-    JWT_SECRET,
-    RedisServer,
-    Server,
-    _database_url,
-    _die_with_parent,
-    code_version,
-    cpu_seconds,
-    create_postgres_database,
-    drop_postgres_database,
-    machine_busy_seconds,
-    migrate_postgres,
-    open_live,
-    percentile,
-    postgres_backend_pids,
-    process_cpu,
-    quiet_machine,
-    rss_mib,
-    run_async,
-    server_env,
-    start_redis,
-    start_server,
-    top_outsiders,
-)
+from harness.clients import API, bearer, close_ws, create_session, open_live, token, ws_url
+from harness.machine import percentile as pct
+from harness.machine import quiet_machine
+from harness.run import add_run_args, guarded, run_async, stop_child
+from harness.server import die_with_parent
+from harness.stack import Stack, started
 
 from chatservice.agents.base import AgentRequest, Turn
 from chatservice.agents.demo import demo_answer
-from chatservice.auth import TokenCodec
-from chatservice.client import ChatClient, RealtimeConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON = dict[str, Any]
-API = "/api/chat"
 SYSTEM_PROMPT = "You are the benchmark's agent."
 MODEL = "bench-model"
 SAMPLE_TIMEOUT = 60.0  # one answer, one cancel sample
 UPSTREAM_READY_TIMEOUT = 30.0
 FILLER = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
 _EARLIER = re.compile(r"This conversation had (\d+) earlier message")
+# The caller's agent settings must not change the scenario.
+AGENT_SCRUB = ("DEBUG", "DATABASE_", "REDIS_", "STREAM_", "AGENT_", "OPENAI_")
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,7 +120,7 @@ _EARLIER = re.compile(r"This conversation had (\d+) earlier message")
 def _upstream_main(pipe: Pipe) -> None:
     """Child: the test suite's fake OpenAI server until the parent says stop or dies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when this ends
-    _die_with_parent()
+    die_with_parent()
     sys.path.insert(0, str(ROOT))
     from tests.fakes.openai_server import FakeOpenAI
 
@@ -158,25 +138,21 @@ class Upstream:
     process: mp.process.BaseProcess
     pipe: Pipe
     base_url: str = ""
+    name: str = "upstream"
 
     @property
     def pid(self) -> int:
         return self.process.pid or 0
 
+    def env(self) -> dict[str, str]:
+        # The service calls only upstreams its operator allowed: allow the fake.
+        return {"AGENT_ALLOWED_BASE_URLS": self.base_url}
+
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.pipe.send(("stop",))
-        self.process.join(10)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
-        self.pipe.close()
+        stop_child(self.process, self.pipe, ("stop",), 10)
 
 
-def start_upstream() -> Upstream:
+def start_upstream(_workdir: Path) -> Upstream:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     process = ctx.Process(target=_upstream_main, args=(child,), daemon=True, name="fake-openai")
@@ -206,106 +182,13 @@ def signed_ms(seconds: float) -> str:
     return "nan" if math.isnan(seconds) else f"{seconds * 1000:+.1f}"
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    return percentile(sorted(values), q)
-
-
-@dataclass
-class Load:
-    cpu: dict[str, float]  # share of one core, per process of this run
-    machine: float  # cores busy, whole machine
-    before: float  # cores busy just before the measurement
-    outsiders: str
-    rss: dict[str, float]
-    irq: float = 0.0  # cores in kernel irq/softirq (not charged to any process)
-    running: float = 0.0  # cores used by other processes still running at the end
-
-    @property
-    def others(self) -> float:
-        return max(0.0, self.machine - sum(self.cpu.values()))
-
-    def lines(self) -> list[str]:
-        cpu = "  ".join(f"{name} {share:.0%}" for name, share in self.cpu.items())
-        rss = ", ".join(f"{name} {mib:.0f} MiB" for name, mib in self.rss.items())
-        return [
-            f"cpu (share of one core):  {cpu}; RSS {rss}",
-            f"machine (all processes):  {self.machine:.2f} of {os.cpu_count()} cores busy, "
-            f"{self.others:.2f} of them outside this benchmark (other load); "
-            f"{self.before:.2f} busy just before",
-            f"other load, split:        {self.running:.2f} in other processes still running "
-            f"at the end, {self.irq:.2f} kernel irq/softirq (this benchmark's loopback traffic "
-            f"included), {max(0.0, self.others - self.running - self.irq):.2f} in processes "
-            "that ended during the window",
-            f"busiest other processes:  {self.outsiders or '-'}",
-        ]
-
-
-def kernel_irq_seconds() -> float:
-    """CPU seconds all cores spent in hard and soft interrupts (Linux /proc/stat)."""
-    try:
-        with open("/proc/stat") as handle:
-            values = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    return sum(values[5:7]) / os.sysconf("SC_CLK_TCK")
-
-
-class Meter:
-    """CPU of this run's processes, and of the whole machine, over one window."""
-
-    def __init__(self, pids: dict[str, int], database: str | None, servers: list[Server]):
-        self.pids = pids
-        self.database = database
-        self.servers = servers
-        self.before = 0.0
-
-    async def start(self, wait_quiet: float | None) -> None:
-        """Begin the window; first measure (and wait for) an idle machine unless None."""
-        if wait_quiet is not None:
-            self.before = await quiet_machine(wait_quiet)
-        self.pg_pids = await postgres_backend_pids(self.database) if self.database else []
-        self.cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self.pg0 = {pid: cpu_seconds(pid) for pid in self.pg_pids}
-        self.everyone0 = process_cpu()
-        self.machine0 = machine_busy_seconds()
-        self.irq0 = kernel_irq_seconds()
-        self.t0 = time.monotonic()
-
-    async def stop(self) -> Load:
-        elapsed = max(1e-9, time.monotonic() - self.t0)
-        cpu = {
-            name: (cpu_seconds(pid) - self.cpu0[name]) / elapsed for name, pid in self.pids.items()
-        }
-        machine = (machine_busy_seconds() - self.machine0) / elapsed
-        irq = (kernel_irq_seconds() - self.irq0) / elapsed
-        pg_pids = self.pg_pids
-        if self.database:
-            pg_pids = sorted({*pg_pids, *await postgres_backend_pids(self.database)})
-            used = sum(cpu_seconds(pid) - self.pg0.get(pid, 0.0) for pid in pg_pids)
-            cpu["postgres"] = used / elapsed
-        ours = {*self.pids.values(), *pg_pids}
-        everyone = process_cpu()
-        outsiders = top_outsiders(self.everyone0, everyone, ours, elapsed)
-        running = sum(
-            used - self.everyone0.get(pid, (name, 0.0))[1]
-            for pid, (name, used) in everyone.items()
-            if pid not in ours
-        )
-        rss = {s.name: rss_mib(s.process.pid) for s in self.servers}
-        return Load(cpu, machine, self.before, outsiders, rss, irq, running / elapsed)
-
-
 # ---------------------------------------------------------------------------------------
-# the service's side: REST helpers, answers read off WS or SSE
+# the service's side: agents, answers read off WS or SSE
 # ---------------------------------------------------------------------------------------
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def create_agent(base_url: str, codec: TokenCodec, name: str, settings: JSON) -> int:
-    admin = codec.issue(f"bench-admin-{uuid.uuid4().hex[:6]}", roles=["admin"])
+async def create_agent(base_url: str, name: str, settings: JSON) -> int:
+    admin = token(f"bench-admin-{uuid.uuid4().hex[:6]}", roles=["admin"])
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
         response = await http.post(
             f"{API}/agents",
@@ -317,27 +200,14 @@ async def create_agent(base_url: str, codec: TokenCodec, name: str, settings: JS
     return int(response.json()["id"])
 
 
-async def demo_agent(base_url: str, token: str) -> tuple[int, str]:
+async def demo_agent(base_url: str, user_token: str) -> tuple[int, str]:
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
-        response = await http.get(f"{API}/agents", headers=bearer(token))
+        response = await http.get(f"{API}/agents", headers=bearer(user_token))
     response.raise_for_status()
     for agent in response.json()["agents"]:
         if agent.get("backend") == "demo":
             return int(agent["id"]), str(agent["name"])
     raise RuntimeError("no demo agent in GET /api/chat/agents")
-
-
-async def new_session(http: httpx.AsyncClient, token: str, agent_id: int) -> str:
-    response = await http.post(
-        f"{API}/sessions", json={"agent_id": agent_id, "title": "bench"}, headers=bearer(token)
-    )
-    if response.status_code != 201:
-        raise RuntimeError(f"POST /sessions: {response.status_code} {response.text[:300]}")
-    return str(response.json()["session_id"])
-
-
-def ws_url(base_url: str, session_id: str, token: str) -> str:
-    return RealtimeConnection(base_url, session_id, token).url
 
 
 def expected_demo(agent_name: str, question: str, earlier: int) -> str:
@@ -430,135 +300,9 @@ async def read_ws_answer(ws: Any, answer: Answer, until: Callable[[Answer], bool
         answer.feed(loads(raw), now())
 
 
-async def close_ws(*sockets: Any) -> None:
-    await asyncio.gather(
-        *(asyncio.wait_for(ws.close(), 2) for ws in sockets if ws is not None),
-        return_exceptions=True,
-    )
-
-
 def message_frame(content: str, client_msg_id: str) -> str:
     frame = {"type": "message", "content": content, "client_msg_id": client_msg_id}
     return orjson.dumps(frame).decode()
-
-
-# ---------------------------------------------------------------------------------------
-# a run: servers, database, redis, upstream; torn down whatever happens
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Setup:
-    workdir: Path
-    servers: list[Server] = field(default_factory=list)
-    database: str | None = None
-    redis: RedisServer | None = None
-    upstream: Upstream | None = None
-    code: str = ""
-
-    def pids(self) -> dict[str, int]:
-        found = {server.name: server.process.pid for server in self.servers}
-        if self.upstream is not None:
-            found["upstream"] = self.upstream.pid
-        if self.redis is not None:
-            found["redis"] = self.redis.process.pid
-        found["client"] = os.getpid()
-        return found
-
-    def meter(self) -> Meter:
-        return Meter(self.pids(), self.database, self.servers)
-
-    def problems(self) -> list[str]:
-        found = []
-        for server in self.servers:
-            if server.process.poll() is not None:
-                found.append(f"{server.name} exited with {server.process.returncode}")
-            errors = server.errors()
-            if errors:
-                found.append(f"{server.name} logged {len(errors)} errors, first: {errors[0]}")
-        return found
-
-
-@contextlib.contextmanager
-def setup(
-    args: argparse.Namespace,
-    *,
-    backend: str,
-    instances: int = 1,
-    redis: bool = False,
-    upstream: bool = False,
-    extra_env: dict[str, str] | None = None,
-    max_connections: int = 1000,
-    part: str = "",
-) -> Any:
-    state = Setup(Path(tempfile.mkdtemp(prefix="chat-bench-agents-")))
-    try:
-        database_url = None
-        if backend == "postgres":
-            # Named before it exists, so an interruption during CREATE still drops it.
-            state.database = f"chatservice_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-            create_postgres_database(state.database)
-            database_url = _database_url(state.database)
-        if redis:
-            state.redis = start_redis(state.workdir)
-        if upstream:
-            state.upstream = start_upstream()
-        env = server_env(
-            state.workdir,
-            database_url,
-            max_connections,
-            state.redis.url if state.redis else None,
-            args.db_pool if database_url else None,
-        )
-        for name in list(env):
-            if name.startswith(("STREAM_", "AGENT_", "OPENAI_")):
-                del env[name]  # the caller's environment must not change the scenario
-        env.update(extra_env or {})
-        if state.upstream is not None:
-            # The service calls only upstreams its operator allowed: allow the fake.
-            env["AGENT_ALLOWED_BASE_URLS"] = state.upstream.base_url
-        if database_url:
-            migrate_postgres(state.workdir, env)
-        state.code = code_version()
-        for i in range(instances):
-            name = "server" if i == 0 else f"server{chr(ord('A') + i)}"
-            if instances > 1 and i == 0:
-                name = "serverA"
-            profile = None
-            if args.server_profile:  # cProfile of the server, written when it stops
-                profile = Path(f"{args.server_profile}.{part}.{name}").resolve()
-            state.servers.append(start_server(state.workdir, env, profile, name))
-        yield state
-        after = code_version()
-        if after != state.code:
-            state.code += f" (changed to {after} during the run)"
-    except BaseException:
-        for server in state.servers:
-            errors = server.errors()
-            if errors:
-                print(
-                    f"{server.name} logged {len(errors)} errors, first: {errors[0]}",
-                    file=sys.stderr,
-                )
-            if server.process.poll() is not None or args.verbose:
-                print(f"{server.name} log (tail):\n{server.log_tail()}", file=sys.stderr)
-        raise
-    finally:
-        for server in state.servers:
-            server.stop()
-        if state.upstream is not None:
-            state.upstream.stop()
-        if state.redis is not None:
-            state.redis.stop()
-        if state.database is not None:
-            try:
-                drop_postgres_database(state.database)
-            except Exception as exc:
-                print(f"warning: could not drop database {state.database}: {exc}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {state.workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(state.workdir, ignore_errors=True)
 
 
 @dataclass
@@ -587,26 +331,22 @@ class Report:
 # ---------------------------------------------------------------------------------------
 
 
-async def bench_overhead(state: Setup, args: argparse.Namespace) -> Report:
-    assert state.upstream is not None
+async def bench_overhead(stack: Stack, args: argparse.Namespace) -> Report:
     from openai import AsyncOpenAI
 
-    server = state.servers[0]
-    codec = TokenCodec(JWT_SECRET)
+    server = stack.servers[0]
+    upstream = upstream_of(stack)
     settings = {
         "model": MODEL,
-        "base_url": state.upstream.base_url,
+        "base_url": upstream.base_url,
         "api_key": "bench-key",
         "system_prompt": SYSTEM_PROMPT,
     }
-    agent_id = await create_agent(server.base_url, codec, "bench-fake", settings)
-    user = f"bench-{uuid.uuid4().hex[:6]}"
-    token = codec.issue(user)
+    agent_id = await create_agent(server.base_url, "bench-fake", settings)
+    user_token = token(f"bench-{uuid.uuid4().hex[:6]}")
     chunks, delay = args.chunks, args.chunk_delay_ms
     markers = f"fake:chunks={chunks} fake:delay_ms={delay}"
-    sdk = AsyncOpenAI(
-        base_url=state.upstream.base_url, api_key="bench-key", max_retries=0, timeout=60
-    )
+    sdk = AsyncOpenAI(base_url=upstream.base_url, api_key="bench-key", max_retries=0, timeout=60)
     http = httpx.AsyncClient(base_url=server.base_url, timeout=60)
     paths = ["direct", *args.via]
     ttft: dict[str, list[float]] = {p: [] for p in paths}
@@ -650,8 +390,8 @@ async def bench_overhead(state: Setup, args: argparse.Namespace) -> Report:
         )
 
     async def via_ws(question: str) -> tuple[float, float, float]:
-        session_id = await new_session(http, token, agent_id)
-        ws = await open_live(ws_url(server.base_url, session_id, token), "deflate", 10)
+        session_id = await create_session(http, user_token, agent_id=agent_id, title="bench")
+        ws = await open_live(ws_url(server.base_url, session_id, user_token), "deflate", 10)
         try:
             ref = uuid.uuid4().hex
             answer = Answer(0.0, client_msg_id=ref)
@@ -663,14 +403,14 @@ async def bench_overhead(state: Setup, args: argparse.Namespace) -> Report:
             await close_ws(ws)
 
     async def via_sse(question: str) -> tuple[float, float, float]:
-        session_id = await new_session(http, token, agent_id)
+        session_id = await create_session(http, user_token, agent_id=agent_id, title="bench")
         answer = Answer(0.0)
         t0 = answer.sent_at = time.perf_counter()
         async with http.stream(
             "POST",
             f"{API}/sessions/{session_id}/messages/stream",
             json={"content": question},
-            headers=bearer(token),
+            headers=bearer(user_token),
         ) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"sse: HTTP {response.status_code}")
@@ -698,7 +438,7 @@ async def bench_overhead(state: Setup, args: argparse.Namespace) -> Report:
                 await one(path, -1 - n)
         if problems:
             raise RuntimeError(f"warm-up failed: {problems[0]}")
-        meter = state.meter()
+        meter = stack.meter()
         await meter.start(args.wait_quiet)
         print(f"[a] measuring {args.answers} answers per path ({', '.join(paths)}) …", flush=True)
         started = time.monotonic()
@@ -723,7 +463,7 @@ async def bench_overhead(state: Setup, args: argparse.Namespace) -> Report:
         problems=problems,
     )
     report.lines += [
-        f"server code:              {state.code}",
+        f"server code:              {stack.code}",
         f"measured:                 {elapsed:.1f} s, paths interleaved",
         "path     answers   ttft p50   ttft p99   full p50   full p99   (ms; server's "
         "latency_ms p50)",
@@ -783,22 +523,23 @@ class Viewer:
     failure: str | None = None
 
 
-async def bench_concurrent(state: Setup, args: argparse.Namespace) -> Report:
-    server = state.servers[0]
-    codec = TokenCodec(JWT_SECRET)
+async def bench_concurrent(stack: Stack, args: argparse.Namespace) -> Report:
+    server = stack.servers[0]
     run = uuid.uuid4().hex[:6]
     viewers = [Viewer(i, f"bench-{run}-v{i}", "") for i in range(args.streams)]
     for viewer in viewers:
-        viewer.token = codec.issue(viewer.user)
+        viewer.token = token(viewer.user)
     agent_id, agent_name = await demo_agent(server.base_url, viewers[0].token)
     # Pad the question so that the answer has about --answer-chunks chunks.
     base = len(expected_demo(agent_name, "", 0))
     question_length = max(20, args.answer_chunks * args.chunk_size - base)
 
+    http = httpx.AsyncClient(base_url=server.base_url, timeout=30)
+
     async def prepare(viewer: Viewer) -> None:
-        async with ChatClient(server.base_url, viewer.token, timeout=30) as chat:
-            created = await chat.create_session(agent_id=agent_id, title="bench")
-        viewer.session_id = str(created["session_id"])
+        viewer.session_id = await create_session(
+            http, viewer.token, agent_id=agent_id, title="bench"
+        )
         url = ws_url(server.base_url, viewer.session_id, viewer.token)
         viewer.ws = await open_live(url, "deflate", 15)
 
@@ -820,7 +561,7 @@ async def bench_concurrent(state: Setup, args: argparse.Namespace) -> Report:
                     f"{len(failed)} viewers failed to connect, first: "
                     f"{type(failed[0]).__name__}: {failed[0]}"
                 )
-        meter = state.meter()
+        meter = stack.meter()
         meter.before = await quiet_machine(args.wait_quiet)
         print(f"[b] {len(viewers)} viewers live, all asking at once …", flush=True)
         released = time.perf_counter()
@@ -888,6 +629,7 @@ async def bench_concurrent(state: Setup, args: argparse.Namespace) -> Report:
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         await close_ws(*(v.ws for v in viewers))
+        await http.aclose()
 
     length = window_end - window_start
     gaps: list[float] = []  # every gap whose later chunk arrived inside the window
@@ -940,7 +682,7 @@ async def bench_concurrent(state: Setup, args: argparse.Namespace) -> Report:
                 report.problems.append(f"viewer {viewer.index} answer {n}: {problem}")
     rate = in_window / length if length > 0 else 0.0
     report.lines += [
-        f"server code:              {state.code}",
+        f"server code:              {stack.code}",
         f"burst:                    all {len(viewers)} asked at once; all streaming after "
         f"{ramp:.2f} s; first chunk p50 {ms(pct(first_chunks, 0.5))} ms, "
         f"p99 {ms(pct(first_chunks, 0.99))} ms after the question",
@@ -996,43 +738,40 @@ class CancelSample:
     problem: str | None = None
 
 
-async def bench_cancel(state: Setup, args: argparse.Namespace) -> Report:
-    server_a, server_b = state.servers
-    codec = TokenCodec(JWT_SECRET)
-    user = f"bench-{uuid.uuid4().hex[:6]}"
-    token = codec.issue(user)
+async def bench_cancel(stack: Stack, args: argparse.Namespace) -> Report:
+    server_a, server_b = stack.servers
+    user_token = token(f"bench-{uuid.uuid4().hex[:6]}")
     if args.cancel_agent == "openai":
-        assert state.upstream is not None
         settings = {
             "model": MODEL,
-            "base_url": state.upstream.base_url,
+            "base_url": upstream_of(stack).base_url,
             "api_key": "bench-key",
             "system_prompt": SYSTEM_PROMPT,
         }
-        agent_id = await create_agent(server_a.base_url, codec, "bench-fake", settings)
+        agent_id = await create_agent(server_a.base_url, "bench-fake", settings)
         markers = f"fake:chunks={args.cancel_answer_chunks} fake:delay_ms={args.cancel_delay_ms}"
 
         def question(n: int) -> str:
             return f"bench cancel {n} {markers}"
     else:
-        agent_id, agent_name = await demo_agent(server_a.base_url, token)
+        agent_id, agent_name = await demo_agent(server_a.base_url, user_token)
         length = max(20, args.cancel_answer_chunks * 10 - len(expected_demo(agent_name, "", 0)))
 
         def question(n: int) -> str:
             return padded_question(f"bench cancel {n}", length)
 
-    http_a = httpx.AsyncClient(base_url=server_a.base_url, timeout=30, headers=bearer(token))
-    http_b = httpx.AsyncClient(base_url=server_b.base_url, timeout=30, headers=bearer(token))
+    http_a = httpx.AsyncClient(base_url=server_a.base_url, timeout=30, headers=bearer(user_token))
+    http_b = httpx.AsyncClient(base_url=server_b.base_url, timeout=30, headers=bearer(user_token))
     samples: list[CancelSample] = []
 
     async def one(n: int, via: str) -> CancelSample:
         sample = CancelSample(via)
-        session_id = await new_session(http_a, token, agent_id)
+        session_id = await create_session(http_a, user_token, agent_id=agent_id, title="bench")
         ws_a = ws_b = None
         try:
             ws_a, ws_b = await asyncio.gather(
-                open_live(ws_url(server_a.base_url, session_id, token), "deflate", 10),
-                open_live(ws_url(server_b.base_url, session_id, token), "deflate", 10),
+                open_live(ws_url(server_a.base_url, session_id, user_token), "deflate", 10),
+                open_live(ws_url(server_b.base_url, session_id, user_token), "deflate", 10),
             )
             ref = uuid.uuid4().hex
             on_a = Answer(time.perf_counter(), client_msg_id=ref)
@@ -1096,7 +835,7 @@ async def bench_cancel(state: Setup, args: argparse.Namespace) -> Report:
                     warm = await one(-1 - n, via)
                 if warm.problem:
                     raise RuntimeError(f"warm-up cancel failed: {warm.problem}")
-        meter = state.meter()
+        meter = stack.meter()
         await meter.start(args.wait_quiet)
         print(f"[c] measuring {args.cancels} cancels ({', '.join(vias)} alternately) …", flush=True)
         for n in range(args.cancels):
@@ -1128,7 +867,7 @@ async def bench_cancel(state: Setup, args: argparse.Namespace) -> Report:
         f"cancel {i} ({s.via}): {s.problem}" for i, s in enumerate(samples) if s.problem
     ]
     report.lines += [
-        f"server code:              {state.code}",
+        f"server code:              {stack.code}",
         f"samples:                  {len(good)} of {len(samples)} cancelled cleanly "
         "(stream_end cancelled on both devices, indexes 0..n-1)",
         "via   samples   on B p50   on B p99   on B max   on A p50   on A p99   chunks after "
@@ -1160,39 +899,42 @@ async def bench_cancel(state: Setup, args: argparse.Namespace) -> Report:
 # ---------------------------------------------------------------------------------------
 
 
+def upstream_of(stack: Stack) -> Upstream:
+    return next(helper for helper in stack.helpers if isinstance(helper, Upstream))
+
+
 def run_part(part: str, args: argparse.Namespace) -> Report:
+    bench: Callable[[Stack, argparse.Namespace], Coroutine[Any, Any, Report]]
     if part == "a":
-        with setup(args, backend=args.backend, upstream=True, part=part) as state:
-            report = run_async(bench_overhead(state, args))
-            report.problems += state.problems()
-        return report
-    if part == "b":
+        bench, options = bench_overhead, {"backend": args.backend, "helpers": [start_upstream]}
+    elif part == "b":
         env = {
             "STREAM_DELAY_MS": str(args.stream_delay_ms),
             "STREAM_CHUNK_SIZE": str(args.chunk_size),
         }
-        with setup(
-            args,
-            backend=args.backend,
-            extra_env=env,
-            max_connections=2 * args.streams + 100,
-            part=part,
-        ) as state:
-            report = run_async(bench_concurrent(state, args))
-            report.problems += state.problems()
-        return report
-    env = {"STREAM_DELAY_MS": str(args.cancel_delay_ms), "STREAM_CHUNK_SIZE": "10"}
-    with setup(
-        args,
-        backend="postgres",
-        instances=2,
-        redis=True,
-        upstream=args.cancel_agent == "openai",
-        extra_env=env,
-        part=part,
-    ) as state:
-        report = run_async(bench_cancel(state, args))
-        report.problems += state.problems()
+        bench = bench_concurrent
+        options = {"backend": args.backend, "env": env, "max_connections": 2 * args.streams + 100}
+    else:
+        bench = bench_cancel
+        options = {
+            "backend": "postgres",
+            "names": ("serverA", "serverB"),
+            "redis": True,
+            "helpers": [start_upstream] if args.cancel_agent == "openai" else [],
+            "env": {"STREAM_DELAY_MS": str(args.cancel_delay_ms), "STREAM_CHUNK_SIZE": "10"},
+        }
+    profile = args.server_profile
+    with started(
+        scrub=AGENT_SCRUB,
+        db_pool=args.db_pool,
+        profile=lambda name: Path(f"{profile}.{part}.{name}").resolve() if profile else None,
+        prefix="chat-bench-agents",
+        keep=args.keep,
+        verbose=args.verbose,
+        **options,
+    ) as stack:
+        report = run_async(bench(stack, args))
+        report.problems += stack.problems()
     return report
 
 
@@ -1225,14 +967,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="database of parts (a) and (b); (c) always uses postgres + redis",
     )
     parser.add_argument("--repeat", type=int, default=1, help="run the parts this many times")
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="before each measurement, wait up to this long for an idle machine",
-    )
-    parser.add_argument("--db-pool", type=int, default=20, help="PostgreSQL pool per instance")
     parser.add_argument("--warmup", type=int, default=3, help="(a), (c): unmeasured rounds")
     group = parser.add_argument_group("(a) overhead")
     group.add_argument("--answers", type=int, default=200, help="answers per path")
@@ -1254,14 +988,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--cancel-agent", choices=["demo", "openai"], default="demo")
     group.add_argument("--cancel-delay-ms", type=int, default=50, help="ms between chunks")
     group.add_argument("--cancel-answer-chunks", type=int, default=200, help="answer length")
-    parser.add_argument(
-        "--server-profile",
-        metavar="PATH",
-        help="run the servers under cProfile, written to PATH.<part>.<server> (slows them; "
-        "for finding hot spots, not for figures)",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (server logs)")
-    parser.add_argument("--verbose", action="store_true", help="tracebacks and server logs")
+    add_run_args(parser, "PATH.<part>.<server>")
     args = parser.parse_args(argv)
     args.parts = [p.strip() for p in args.part.split(",") if p.strip()]
     args.via = [p.strip() for p in args.via.split(",") if p.strip()]
@@ -1281,15 +1008,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Ctrl-C and SIGTERM end the run through KeyboardInterrupt; every `finally` on the way
-    # out closes the sockets and stops the servers, the fake upstream and redis-server,
-    # drops the database and removes the temporary directory.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     load1, load5, _ = os.getloadavg()
     print(
         f"agent_streams: parts {','.join(args.parts)}, "
@@ -1297,15 +1015,14 @@ def main(argv: list[str] | None = None) -> int:
         + f"{args.repeat} run(s); {os.cpu_count()} cores, load average {load1:.2f} / {load5:.2f}",
         flush=True,
     )
-    reports: list[Report] = []
-    status = 0
-    try:
+
+    def run_all() -> int:
+        reports: list[Report] = []
+        status = 0
         for run in range(args.repeat):
             for part in args.parts:
                 try:
                     report = run_part(part, args)
-                except KeyboardInterrupt:
-                    raise
                 except Exception as exc:
                     if args.verbose:
                         raise
@@ -1319,14 +1036,13 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(report.text(), flush=True)
                 reports.append(report)
-    except KeyboardInterrupt:
-        print("interrupted; servers and temporary data cleaned up", file=sys.stderr)
-        return 130
-    print()
-    print(summary(reports))
-    if status:
-        return status
-    return 0 if reports and all(r.ok for r in reports) else 1
+        print()
+        print(summary(reports))
+        if status:
+            return status
+        return 0 if reports and all(r.ok for r in reports) else 1
+
+    return guarded(run_all, args.verbose)
 
 
 if __name__ == "__main__":

@@ -6,16 +6,16 @@
 
 What it does:
 
-1. Starts one `chat-service serve` exactly as `bench/uploads.py` does (that script's
-   `started`: SQLite or a fresh PostgreSQL database, local blobs or the benchmark's own moto
-   S3 server). ARCHIVE_SNAPSHOT_INTERVAL and SESSION_IDLE_CHECK_INTERVAL are set to one day
+1. Starts one `chat-service serve` exactly as `bench/uploads.py` does
+   (harness.storage: SQLite or a fresh PostgreSQL database, local blobs or the benchmark's
+   own moto S3 server). ARCHIVE_SNAPSHOT_INTERVAL and SESSION_IDLE_CHECK_INTERVAL are set to one day
    so that no background snapshot of the big session lands inside a measurement.
 2. `--repeat` times, each on a fresh session: creates a group session of three users with
    display names (the transcript names every sender), then sends `--messages` messages over
    REST (POST …/messages, `--insert-concurrency` requests at a time, the three users in
-   turn). The contents are generated from a fixed seed: mostly short chat lines, some
-   paragraphs, a few long pastes with line breaks, some Korean and emoji; about 180
-   characters on average. Every send must answer 201, and the session must end with
+   turn). The contents are generated from a fixed seed (harness.content): mostly short
+   chat lines, some paragraphs, a few long pastes with line breaks, some Korean and emoji;
+   about 180 characters on average. Every send must answer 201, and the session must end with
    `last seq` = `--messages`.
 3. Waits for a quiet machine (`--wait-quiet`), then times, one after the other, on the
    running server:
@@ -51,61 +51,20 @@ from dataclasses import dataclass, field
 
 import httpx
 import orjson
-from agent_streams import bearer
-from uploads import (
-    API,
-    MB,
-    REQUEST_TIMEOUT,
-    HealthProbe,
-    Memory,
-    MemoryProbe,
-    Running,
-    add_common_args,
-    create_group,
-    echo_command,
-    load_text,
-    markdown_table,
-    min_median,
-    new_user,
-    run_main,
-    started,
-)
-from ws_fanout import JWT_SECRET, quiet_machine, run_async
+from harness.clients import API, bearer, create_session, new_user
+from harness.content import chat_line
+from harness.machine import quiet_machine
+from harness.probes import HealthProbe, Memory, MemoryProbe
+from harness.report import markdown_table, min_median
+from harness.run import echo_command, guarded, run_async
+from harness.server import Server
+from harness.stack import Stack
+from harness.storage import add_storage_args, started_with_storage
 
-from chatservice.auth import TokenCodec
-
+MB = 1_000_000
+REQUEST_TIMEOUT = 300.0  # one request on a loaded 2-core machine
 SEPARATOR = "\n" + "-" * 50 + "\n"  # between message blocks of the text transcript
 PEOPLE = [("owner", "Alice Kim"), ("b", "Bob Lee"), ("c", "Chloe Park")]
-WORDS = (
-    "the deploy went out at noon and the latency graph looks fine but the queue depth on "
-    "the second worker keeps climbing can you check whether the retry job picked up the "
-    "stale sessions from yesterday I think the migration left some rows pending we should "
-    "roll back if the error rate goes above one percent thanks sounds good will do after "
-    "lunch meeting moved to three tomorrow"
-).split()
-KOREAN = ["안녕하세요", "확인했습니다", "내일 다시 연락드릴게요", "감사합니다", "회의록 공유합니다"]
-EMOJI = ["👍", "🎉", "🙏", "😅", "🚀"]
-
-
-def chat_line(rng: random.Random) -> str:
-    """One message as people type them: mostly short, sometimes long, now and then a paste."""
-    roll = rng.random()
-    if roll < 0.70:
-        count = rng.randint(3, 18)
-    elif roll < 0.95:
-        count = rng.randint(25, 70)
-    else:
-        count = rng.randint(150, 400)  # a pasted log or a long explanation
-    words = [rng.choice(WORDS) for _ in range(count)]
-    if count > 100:
-        for at in range(40, count, rng.randint(30, 60)):
-            words[at] += "\n"
-    text = " ".join(words).replace("\n ", "\n")
-    if rng.random() < 0.08:
-        text = f"{rng.choice(KOREAN)} {text}"
-    if rng.random() < 0.10:
-        text += f" {rng.choice(EMOJI)}"
-    return text[0].upper() + text[1:]
 
 
 @dataclass
@@ -171,11 +130,11 @@ async def insert_messages(
 
 
 async def timed(
-    run: Running, name: str, call: Callable[[], Awaitable[httpx.Response]]
+    server: Server, name: str, call: Callable[[], Awaitable[httpx.Response]]
 ) -> tuple[Step, httpx.Response]:
     """One request, with the server's memory and its /healthz answers during it."""
-    with MemoryProbe(run.pid) as memory:
-        async with HealthProbe(run.base_url) as health:
+    with MemoryProbe(server.pid) as memory:
+        async with HealthProbe(server.base_url, timeout=REQUEST_TIMEOUT) as health:
             started = time.perf_counter()
             response = await call()
             elapsed = time.perf_counter() - started
@@ -204,14 +163,18 @@ def check_json(body: bytes, count: int) -> str | None:
 
 
 async def one_repeat(
-    run: Running, http: httpx.AsyncClient, args: argparse.Namespace, number: int
+    stack: Stack, http: httpx.AsyncClient, args: argparse.Namespace, number: int
 ) -> Repeat:
-    codec = TokenCodec(JWT_SECRET)
-    users = [new_user(codec, label, name) for label, name in PEOPLE]
+    server = stack.servers[0]
+    users = [new_user(label, name) for label, name in PEOPLE]
     tokens = [token for _, token in users]
     owner_token = tokens[0]
-    session_id = await create_group(
-        http, owner_token, [user for user, _ in users[1:]], f"archive bench {number}"
+    session_id = await create_session(
+        http,
+        owner_token,
+        kind="group",
+        title=f"archive bench {number}",
+        participants=[user for user, _ in users[1:]],
     )
     print(f"[{number}] inserting {args.messages} messages into {session_id} …", flush=True)
     seconds, chars, problems = await insert_messages(
@@ -226,13 +189,13 @@ async def one_repeat(
         flush=True,
     )
     before = await quiet_machine(args.wait_quiet)
-    meter = run.meter()
+    meter = stack.meter()
     meter.before = before
     await meter.start(None)
     base = f"{API}/sessions/{session_id}"
     auth = bearer(owner_token)
 
-    step, response = await timed(run, "end", lambda: http.post(f"{base}/end", headers=auth))
+    step, response = await timed(server, "end", lambda: http.post(f"{base}/end", headers=auth))
     repeat.steps["end"] = step
     state = (response.json().get("archive") or {}).get("state") if response.is_success else None
     if state != "done":
@@ -243,7 +206,7 @@ async def one_repeat(
             def call(kind: str = kind, fmt: str = fmt) -> Awaitable[httpx.Response]:
                 return http.get(f"{base}/{kind}", params={"format": fmt}, headers=auth)
 
-            step, response = await timed(run, f"{kind} {fmt}", call)
+            step, response = await timed(server, f"{kind} {fmt}", call)
             repeat.steps[step.name] = step
             if response.status_code != 200:
                 repeat.problems.append(f"{step.name}: HTTP {response.status_code}")
@@ -252,7 +215,7 @@ async def one_repeat(
             if problem := check(response.content, args.messages):
                 repeat.problems.append(f"{step.name}: {problem}")
     load = await meter.stop()
-    repeat.load_line = load_text(load)
+    repeat.load_line = load.text()
     repeat.others = load.others
     return repeat
 
@@ -316,14 +279,14 @@ def summary(repeats: list[Repeat], args: argparse.Namespace) -> list[str]:
     return lines
 
 
-async def bench(run: Running, args: argparse.Namespace) -> list[Repeat]:
+async def bench(stack: Stack, args: argparse.Namespace) -> list[Repeat]:
     repeats: list[Repeat] = []
     limits = httpx.Limits(max_connections=args.insert_concurrency + 2)
     async with httpx.AsyncClient(
-        base_url=run.base_url, timeout=REQUEST_TIMEOUT, limits=limits
+        base_url=stack.servers[0].base_url, timeout=REQUEST_TIMEOUT, limits=limits
     ) as http:
         for number in range(1, args.repeat + 1):
-            repeat = await one_repeat(run, http, args, number)
+            repeat = await one_repeat(stack, http, args, number)
             print("\n".join(repeat_lines(repeat, args)), flush=True)
             repeats.append(repeat)
     return repeats
@@ -333,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Archive time of a long session (see the module docstring)."
     )
-    add_common_args(parser)
+    add_storage_args(parser)
     parser.add_argument("--messages", type=int, default=10_000, help="messages per session")
     parser.add_argument("--repeat", type=int, default=3, help="fresh sessions, one after another")
     parser.add_argument(
@@ -363,12 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def run_all() -> int:
-        # `setup` is synchronous (it runs its own event loops for PostgreSQL admin work),
+        print(banner, flush=True)
+        # Starting is synchronous (it runs its own event loops for PostgreSQL admin work),
         # so the server starts outside the loop that measures.
-        with started(args, env, part=f"archive-{uuid.uuid4().hex[:4]}") as run:
-            print(f"server code: {run.state.code}", flush=True)
-            repeats = run_async(bench(run, args))
-            problems = [p for r in repeats for p in r.problems] + run.state.problems()
+        with started_with_storage(args, env, part=f"archive-{uuid.uuid4().hex[:4]}") as stack:
+            print(f"server code: {stack.code}", flush=True)
+            repeats = run_async(bench(stack, args))
+            problems = [p for r in repeats for p in r.problems] + stack.problems()
         print()
         print(markdown_table([repeat_row(r, args) for r in repeats]))
         print()
@@ -379,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"result: {'OK' if ok else 'FAILED'}", flush=True)
         return 0 if ok else 1
 
-    return run_main(args, banner, run_all)
+    return guarded(run_all, args.verbose)
 
 
 if __name__ == "__main__":

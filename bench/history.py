@@ -4,14 +4,14 @@ stored messages as at 10,000 (PostgreSQL)?
 
     .venv/bin/python bench/history.py [--sizes 10000,1000000] [--requests 2000] \
         [--warmup 200] [--limit 50] [--kinds healthz,newest,middle,start,after] \
-        [--others 1.0] [--other-sessions 200] [--proposed] [--wait-quiet S] \
+        [--others 1.0] [--other-sessions 200] [--wait-quiet S] \
         [--out results.json]
 
 What it does:
 
 1. Creates a fresh PostgreSQL database on BENCH_POSTGRES_URL's server (default
-   `postgresql://postgres@127.0.0.1:5432/test`, trust authentication) and migrates it with
-   `chatservice.store.migrate.upgrade`, as tests/conftest.py does.
+   `postgresql://postgres@127.0.0.1:5432/test`, trust authentication; harness.postgres) and
+   migrates it with `chatservice.store.migrate.upgrade`, as tests/conftest.py does.
 2. Seeds it straight into the project's tables with asyncpg's COPY (no server involved):
    one group session of three members (the measured session) and `--other-sessions` other
    group sessions of two members. The measured session gets N messages with seq 1..N; the
@@ -20,18 +20,19 @@ What it does:
    sessions arrive together in a real deployment. Every column is what the service itself
    writes: `msg_` ids in the service's layout, per-session gap-free `seq`, a
    `client_msg_id`, `created_at` one second apart in seq order (all in the past, so the
-   service's own messages come later), the contents of `bench/archive.py` (mostly short
+   service's own messages come later), the contents of `harness.content` (mostly short
    chat lines, some paragraphs and long pastes, some Korean and emoji), no deletions.
    Then each session's `last_seq`, `updated_at` and `started_at` and each member's
    `last_read_seq` are set to match, the tables are `VACUUM (ANALYZE)`d (what autovacuum
    does on its own a little later) and a CHECKPOINT is taken, so no checkpoint from the
    bulk load lands in a measurement. The seeding is checked (count, first and last seq of
    the session = N, 1, N, and its `last_seq` = N).
-3. Starts `chat-service serve` on a free port, pinned to CPU 0 with `taskset -c 0`
-   (DATABASE_URL = that database, JWT_SECRET_KEY of the run, LOG_LEVEL=WARNING, pool 5 +
-   5, snapshot and idle-session jobs once a day, so neither runs during a measurement).
-   This client pins itself to CPU 1; PostgreSQL is not pinned (it runs on both cores).
-   GET /api/chat/sessions/{id} must report `message_count` = N.
+3. Starts `chat-service serve` on a free port (harness.server), pinned to CPU 0 with
+   `taskset -c 0` (DATABASE_URL = that database, JWT_SECRET_KEY of the run,
+   LOG_LEVEL=WARNING, pool 5 + 5, snapshot and idle-session jobs once a day, so neither
+   runs during a measurement). This client pins itself to CPU 1; PostgreSQL is not
+   pinned (it runs on both cores). GET /api/chat/sessions/{id} must report
+   `message_count` = N.
 4. Measures, one client (httpx, keep-alive), one request at a time, each kind in its own
    block: `--warmup` requests, then `--requests` timed requests, all with `limit=--limit`:
      healthz   GET /healthz: the floor (HTTP + client + server, no database)
@@ -53,29 +54,21 @@ What it does:
    of the server, this client and the rest of the machine (PostgreSQL and anything else)
    in cores, the other processes' share in the busiest kept chunk, and the busiest other
    processes over the whole block.
-5. With `--proposed`, measures the same kinds again on a second server that runs the
-   change this benchmark proposes for src/ (PROPOSED_SERVER, a patched copy of
-   `MessageStore.page` that lives in this script; src/ is not touched): `total` is the
-   session's `last_seq` less its deleted messages instead of a count of all of its
-   messages, and a time cursor becomes a seq bound through an index on (session_id,
-   created_at, seq) instead of a filter on every row walked. The two indexes it needs
-   (PROPOSED_INDEXES) are created in the benchmark's database first, as a migration would,
-   and dropped again afterwards: the current server and the next size's seeding always
-   see the schema as it ships.
-6. EXPLAIN (ANALYZE, BUFFERS) of the statements the store runs for each kind, time cursor
+5. EXPLAIN (ANALYZE, BUFFERS) of the statements the store runs for each kind, time cursor
    included (`MessageStore.page` is called against a recorder that keeps its SQLAlchemy
    statements, compiled for asyncpg, so these are exactly the server's queries): PREPAREd,
    executed five times, then explained, which gives the plan the server's prepared
    statements use after their first five executions (PostgreSQL may switch to a generic
    plan then), plus the execution times of a forced custom and a forced generic plan.
-7. Stops the server, tops the same database up to the next size (same rules; the
+6. Stops the server, tops the same database up to the next size (same rules; the
    measured session continues at seq N+1) and measures again.
-8. At the end sends one message over REST and checks that it gets seq = N + 1 and ends the
+7. At the end sends one message over REST and checks that it gets seq = N + 1 and ends the
    newest page (the service continues the seeded session), and drops the database.
 
-Prints one table per size, then p99 at the largest size / p99 at the smallest per kind
-("flat" when within 0.8-1.2), and the EXPLAIN summary. `--out` writes everything
-(latencies and plans included) as JSON.
+Prints one table per size (its server column says `current`, the shipped server, as in
+earlier results), then p99 at the largest size / p99 at the smallest per kind ("flat"
+when within 0.8-1.2), and the EXPLAIN summary. `--out` writes everything (latencies and
+plans included) as JSON.
 
 Exit status: 1 if a check failed or the server logged an error, 2 if the run could not be
 carried out, 0 otherwise (flat or not: that is the result, in the report).
@@ -87,18 +80,14 @@ import argparse
 import array
 import asyncio
 import contextlib
-import functools
 import json
 import math
 import os
 import random
 import shlex
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -110,30 +99,28 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 import httpx
 import orjson
-from archive import chat_line
-from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
-from ws_fanout import (
-    HOST,
-    POSTGRES_ADMIN_URL,
+from harness.clients import API, bearer, token
+from harness.content import chat_line
+from harness.machine import (
     code_version,
     cpu_seconds,
-    free_port,
     machine_busy_seconds,
     percentile,
     process_cpu,
     quiet_machine,
     top_outsiders,
 )
+from harness.postgres import database, database_url
+from harness.run import guarded
+from harness.server import BASE_SCRUB, Server, server_env, start_server
+from harness.stack import workdir
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
-from chatservice.auth import TokenCodec
 from chatservice.domain import Cursor, isoformat
 from chatservice.store.messages import MessageStore
 from chatservice.store.migrate import upgrade
 
-JWT_SECRET = "bench-history-" + uuid.uuid4().hex
-API = "/api/chat"
-SERVER_READY_TIMEOUT = 60.0
-SERVER_STOP_TIMEOUT = 15.0
+SERVER = "current"  # the shipped server: what the tables and the JSON have always called it
 COPY_BATCH = 50_000
 CONTENT_POOL = 4096  # distinct message contents, used in turn
 MEMBERS = ["alice", "bob", "chloe"]  # the measured session's members; alice owns it
@@ -162,117 +149,11 @@ MESSAGE_COLUMNS = [
     "created_at",
     "deleted_at",
 ]
-# What --proposed needs in the database, as a migration would add it: a session's deleted
-# messages found by an index (counting them costs what there is to count, usually
-# nothing), and a session's messages by time, so a time cursor becomes a seq in one probe.
-PROPOSED_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS idx_chat_messages_session_deleted "
-    "ON chat_messages (session_id) WHERE deleted_at IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS idx_chat_messages_session_created "
-    "ON chat_messages (session_id, created_at, seq)",
-)
-PROPOSED_DROP = (
-    "DROP INDEX IF EXISTS idx_chat_messages_session_deleted",
-    "DROP INDEX IF EXISTS idx_chat_messages_session_created",
-    "ANALYZE chat_messages",
-)
-# The --proposed server: `chat-service serve` with `MessageStore.page` replaced by a copy
-# that differs in two places:
-# - `total` is the session's `last_seq` less its deleted messages, instead of a count of
-#   all its messages: seqs are gap-free, one per stored message (the seq is taken in the
-#   transaction that inserts the message), and messages are only ever soft-deleted;
-# - a time cursor is turned into a seq bound (the first seq at or after the time, the
-#   last at or before it) instead of a filter on created_at applied to every row the seq
-#   index walks past: within a session created_at follows seq order (the store reads the
-#   clock under the session's row lock), so both select the same messages.
-PROPOSED_SERVER = """
-import inspect, sys
-from sqlalchemy import func, select
-from chatservice import cli
-from chatservice.store import messages as store
-from chatservice.store.tables import chat_messages as m, chat_sessions as s
-
-
-async def page(self, session_id, *, before, after, limit):
-    conditions = [m.c.session_id == session_id, store._VISIBLE]
-    for cursor, newer in ((after, True), (before, False)):
-        if cursor is None:
-            continue
-        if cursor.seq is not None:
-            conditions.append(m.c.seq > cursor.seq if newer else m.c.seq < cursor.seq)
-        elif cursor.moment is not None:
-            conditions.append(seq_bound(session_id, store.as_utc(cursor.moment), newer))
-    forward = after is not None
-    order = m.c.seq.asc() if forward else m.c.seq.desc()
-    async with self.db.read() as conn:
-        rows = (
-            await conn.execute(select(m).where(*conditions).order_by(order).limit(limit + 1))
-        ).all()
-        total = (await conn.execute(proposed_total(session_id))).scalar_one()
-    has_more = len(rows) > limit
-    rows = list(rows[:limit])
-    if not forward:
-        rows.reverse()
-    return store.MessagePage(
-        messages=[store.message_from_row(row) for row in rows], has_more=has_more, total=total
-    )
-
-
-def seq_bound(session_id, moment, newer):
-    \"\"\"created_at > moment (newer) or < moment, as a bound on seq.\"\"\"
-    mine = m.c.session_id == session_id
-    if newer:
-        last = (
-            select(m.c.seq)
-            .where(mine, m.c.created_at <= moment)
-            .order_by(m.c.created_at.desc(), m.c.seq.desc())
-            .limit(1)
-        )
-        return m.c.seq > func.coalesce(last.scalar_subquery(), 0)
-    first = (
-        select(m.c.seq)
-        .where(mine, m.c.created_at >= moment)
-        .order_by(m.c.created_at, m.c.seq)
-        .limit(1)
-    )
-    return m.c.seq < func.coalesce(first.scalar_subquery(), 2**31 - 1)
-
-
-def proposed_total(session_id):
-    deleted = (
-        select(func.count())
-        .where(m.c.session_id == session_id, m.c.deleted_at.is_not(None))
-        .scalar_subquery()
-    )
-    return select(s.c.last_seq - deleted).where(s.c.session_id == session_id)
-
-
-if __name__ == "__main__":
-    _COUNT = "select(func.count()).where(m.c.session_id == session_id, _VISIBLE)"
-    if _COUNT not in inspect.getsource(store.MessageStore.page):
-        sys.exit("MessageStore.page changed: update PROPOSED_SERVER in bench/history.py")
-    store.MessageStore.page = page
-    sys.argv[0] = "chat-service"
-    cli.main()
-"""
 
 
 # ---------------------------------------------------------------------------------------
-# the database: create, migrate, seed, top up, drop
+# the database: seed, top up
 # ---------------------------------------------------------------------------------------
-
-
-def database_url(name: str) -> str:
-    base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
-    return f"{base}/{name}"
-
-
-async def admin(sql: str) -> None:
-    conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=10)
-    try:
-        await conn.execute(sql, timeout=60)
-    finally:
-        await conn.close(timeout=5)
 
 
 def message_id(ms: int, rng: random.Random) -> str:
@@ -462,92 +343,17 @@ async def table_sizes(conn: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    base_url: str
-    log_path: Path
-
-    def errors(self) -> list[str]:
-        found = []
-        with contextlib.suppress(OSError):
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    record = orjson.loads(line)
-                    if isinstance(record, dict) and record.get("level") in ("ERROR", "CRITICAL"):
-                        # A traceback's last line says what failed; the first only that it did.
-                        text = f"{record.get('message', '')}\n{record.get('exception') or ''}"
-                        lines = [part for part in text.strip().splitlines() if part.strip()]
-                        if lines:
-                            found.append(" ... ".join(dict.fromkeys([lines[0], lines[-1]]))[:400])
-        return found
-
-    def log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
-        return ""
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(SERVER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-
-def start_server(
-    workdir: Path, db_url: str, pin: str | None, label: str, variant: str = "current"
-) -> Server:
-    env = {
-        **os.environ,
-        "DATA_DIR": str(workdir / "data"),
-        "DATABASE_URL": db_url,
-        "JWT_SECRET_KEY": JWT_SECRET,
-        "LOG_LEVEL": "WARNING",
-        "DATABASE_POOL_SIZE": "5",
-        "DATABASE_MAX_OVERFLOW": "5",
-        "RATE_LIMIT_ENABLED": "false",
+def start_history_server(workdir: Path, db_url: str, pin: str | None, label: str) -> Server:
+    env = server_env(
+        workdir,
+        database_url=db_url,
+        db_pool=5,
+        db_overflow=5,
+        scrub=(*BASE_SCRUB, "CORS_ORIGINS"),
         # Neither job may run inside a measurement (a snapshot reads the whole session).
-        "ARCHIVE_SNAPSHOT_INTERVAL": "1d",
-        "SESSION_IDLE_CHECK_INTERVAL": "1d",
-    }
-    for name in ("DEBUG", "REDIS_URL", "CORS_ORIGINS"):
-        env.pop(name, None)
-    port = free_port()
-    program = ["-c", PROPOSED_SERVER] if variant == "proposed" else ["-m", "chatservice.cli"]
-    command = [sys.executable, *program, "serve", "--host", HOST, "--port", str(port)]
-    if pin is not None:
-        command = ["taskset", "-c", pin, *command]
-    log_path = workdir / f"server-{label}-{variant}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command,
-            env=env,
-            cwd=workdir,  # no stray `.env` from wherever the script is started
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
-    server = Server(process, f"http://{HOST}:{port}", log_path)
-    deadline = time.monotonic() + SERVER_READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.base_url}/readyz", timeout=1).status_code == 200:
-                return server
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"server not ready within {SERVER_READY_TIMEOUT}s:\n{server.log_tail()}")
+        extra={"ARCHIVE_SNAPSHOT_INTERVAL": "1d", "SESSION_IDLE_CHECK_INTERVAL": "1d"},
+    )
+    return start_server(workdir, env, name=f"server-{label}", pin=pin)
 
 
 # ---------------------------------------------------------------------------------------
@@ -609,7 +415,6 @@ def check_answer(request: Request, response: httpx.Response) -> str | None:
 
 @dataclass
 class Block:
-    variant: str
     kind: str
     latencies_ms: list[float]
     seconds: float  # of the kept chunks, as are the cores below
@@ -671,7 +476,6 @@ def others_cores(
 def run_block(
     client: httpx.Client,
     server: Server,
-    variant: str,
     kind: str,
     warmup: list[Request],
     timed: list[Request],
@@ -726,7 +530,6 @@ def run_block(
         block_before, process_cpu(), {pid, os.getpid()}, time.monotonic() - block_began
     )
     return Block(
-        variant,
         kind,
         latencies,
         seconds,
@@ -747,6 +550,8 @@ def run_block(
 
 
 class _Nothing:
+    """A result without rows, whichever way the store reads it."""
+
     def all(self) -> list[Any]:
         return []
 
@@ -755,6 +560,9 @@ class _Nothing:
 
     def scalar_one(self) -> int:
         return 0
+
+    def scalar_one_or_none(self) -> None:
+        return None
 
 
 class _Recorder:
@@ -784,18 +592,12 @@ def compiled(statement: Any) -> tuple[str, list[Any]]:
 
 
 def page_statements(
-    session_id: str, before: Cursor | None, after: Cursor | None, limit: int, variant: str
+    session_id: str, before: Cursor | None, after: Cursor | None, limit: int
 ) -> list[tuple[str, list[Any]]]:
-    """The statements `MessageStore.page` (or the proposed copy) runs for these arguments:
-    the page, then `total`."""
+    """The statements `MessageStore.page` runs for these arguments: the page, then `total`."""
     recorder = _Recorder()
     store = MessageStore(recorder)  # type: ignore[arg-type]
-    page = store.page
-    if variant == "proposed":
-        namespace: dict[str, Any] = {"__name__": "proposed"}
-        exec(PROPOSED_SERVER, namespace)
-        page = functools.partial(namespace["page"], store)
-    asyncio.run(page(session_id, before=before, after=after, limit=limit))
+    asyncio.run(store.page(session_id, before=before, after=after, limit=limit))
     return [compiled(statement) for statement in recorder.statements]
 
 
@@ -871,10 +673,8 @@ def plan_summary(plan: list[str]) -> str:
     return " > ".join(nodes)
 
 
-def explain_all(
-    seeder: Seeder, url: str, size: int, args: argparse.Namespace, variant: str
-) -> dict[str, Any]:
-    """Plans of the statements of each kind (the time cursor's too) of one store."""
+def explain_all(seeder: Seeder, url: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Plans of the statements of each kind (the time cursor's too)."""
     session_id = seeder.big.session_id
     middle = int(size * sum(MIDDLE_BAND) / 2)
     cursors: dict[str, tuple[Cursor | None, Cursor | None]] = {
@@ -886,8 +686,8 @@ def explain_all(
     }
     out: dict[str, Any] = {}
     for kind, (before, after) in cursors.items():
-        statements = page_statements(session_id, before, after, args.limit, variant)
-        out[f"{variant} {kind}"] = asyncio.run(explain(url, statements))
+        statements = page_statements(session_id, before, after, args.limit)
+        out[f"{SERVER} {kind}"] = asyncio.run(explain(url, statements))
     return out
 
 
@@ -901,51 +701,43 @@ class SizeResult:
     size: int
     seed_seconds: float
     table: dict[str, Any]
-    blocks: dict[str, dict[str, Block]] = field(default_factory=dict)  # variant -> kind
+    blocks: dict[str, Block] = field(default_factory=dict)  # by kind
     explain: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
 
-def measure_variant(
-    seeder: Seeder,
-    url: str,
-    workdir: Path,
-    args: argparse.Namespace,
-    result: SizeResult,
-    variant: str,
+def measure(
+    seeder: Seeder, url: str, workdir: Path, args: argparse.Namespace, result: SizeResult
 ) -> None:
     size = result.size
     database = url.rpartition("/")[2]
-    server = start_server(workdir, url, args.pin_server, str(size), variant)
-    token = TokenCodec(JWT_SECRET).issue(MEMBERS[0], ttl_seconds=7 * 86_400)
-    blocks = result.blocks.setdefault(variant, {})
+    server = start_history_server(workdir, url, args.pin_server, str(size))
+    headers = bearer(token(MEMBERS[0], ttl_seconds=7 * 86_400))
     try:
-        with httpx.Client(
-            base_url=server.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
-        ) as client:
+        with httpx.Client(base_url=server.base_url, headers=headers, timeout=120) as client:
             detail = client.get(f"{API}/sessions/{seeder.big.session_id}").json()
             if detail.get("message_count") != size:
                 result.problems.append(
-                    f"{variant}: session detail says message_count "
+                    f"{SERVER}: session detail says message_count "
                     f"{detail.get('message_count')}, expected {size}"
                 )
-            rng = random.Random(args.seed + size)  # the same cursors for every variant
+            rng = random.Random(args.seed + size)  # the same cursors in every run
             for kind in args.kinds:
                 warm = requests_for(kind, seeder, size, args.limit, args.warmup, rng)
                 timed = requests_for(kind, seeder, size, args.limit, args.requests, rng)
-                block = run_block(client, server, variant, kind, warm, timed, args, database)
-                blocks[kind] = block
-                result.problems += [f"{variant}: {p}" for p in block.problems]
+                block = run_block(client, server, kind, warm, timed, args, database)
+                result.blocks[kind] = block
+                result.problems += [f"{SERVER}: {p}" for p in block.problems]
                 print(block_line(size, block), flush=True)
     finally:
         server.stop()
-        result.problems += [f"{variant} server log: {e}" for e in server.errors()[:5]]
+        result.problems += [f"{SERVER} server log: {e}" for e in server.errors()[:5]]
 
 
 def block_line(size: int, block: Block) -> str:
     s = block.stats()
     return (
-        f"  N={size:,} {block.variant} {block.kind:7s} p50 {s['p50']:7.2f}  p90 "
+        f"  N={size:,} {SERVER} {block.kind:7s} p50 {s['p50']:7.2f}  p90 "
         f"{s['p90']:7.2f}  p99 {s['p99']:7.2f}  max {s['max']:7.2f} ms  "
         f"({len(block.latencies_ms)} in {block.seconds:.0f} s; cores: server "
         f"{block.server_cores:.2f}, client {block.client_cores:.2f}, rest "
@@ -968,14 +760,13 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> list[str]:
             "| rest cores | others (max) | chunks redone |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for variant, blocks in r.blocks.items():
-            for kind, b in blocks.items():
-                s = b.stats()
-                lines.append(
-                    f"| {variant} | {kind} | {s['p50']:.2f} | {s['p90']:.2f} | {s['p99']:.2f} "
-                    f"| {s['max']:.1f} | {s['mean']:.2f} | {b.server_cores:.2f} "
-                    f"| {b.rest_cores:.2f} | {b.others_max:.2f} | {b.redone} |"
-                )
+        for kind, b in r.blocks.items():
+            s = b.stats()
+            lines.append(
+                f"| {SERVER} | {kind} | {s['p50']:.2f} | {s['p90']:.2f} | {s['p99']:.2f} "
+                f"| {s['max']:.1f} | {s['mean']:.2f} | {b.server_cores:.2f} "
+                f"| {b.rest_cores:.2f} | {b.others_max:.2f} | {b.redone} |"
+            )
     if len(results) >= 2:
         low, high = results[0], results[-1]
         lines += [
@@ -985,11 +776,10 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> list[str]:
             f"| server | kind | p99 {low.size:,} ms | p99 {high.size:,} ms | ratio | flat |",
             "|---|---|---:|---:|---:|---|",
         ]
-        for variant, kind, ratio in p99_ratios(results):
-            a = low.blocks[variant][kind].stats()["p99"]
-            b = high.blocks[variant][kind].stats()["p99"]
+        for kind, ratio in p99_ratios(results):
+            first, last = low.blocks[kind].stats()["p99"], high.blocks[kind].stats()["p99"]
             flat = "yes" if FLAT[0] <= ratio <= FLAT[1] else "**no**"
-            lines.append(f"| {variant} | {kind} | {a:.2f} | {b:.2f} | {ratio:.2f} | {flat} |")
+            lines.append(f"| {SERVER} | {kind} | {first:.2f} | {last:.2f} | {ratio:.2f} | {flat} |")
     for r in results:
         if not r.explain:
             continue
@@ -1007,50 +797,48 @@ def report(results: list[SizeResult], args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def p99_ratios(results: list[SizeResult]) -> list[tuple[str, str, float]]:
-    """(variant, kind, p99 at the largest size / p99 at the smallest)."""
+def p99_ratios(results: list[SizeResult]) -> list[tuple[str, float]]:
+    """(kind, p99 at the largest size / p99 at the smallest)."""
     low, high = results[0], results[-1]
-    out = []
-    for variant, blocks in low.blocks.items():
-        for kind, block in blocks.items():
-            other = high.blocks.get(variant, {}).get(kind)
-            if other is not None:
-                out.append((variant, kind, other.stats()["p99"] / block.stats()["p99"]))
-    return out
+    return [
+        (kind, high.blocks[kind].stats()["p99"] / block.stats()["p99"])
+        for kind, block in low.blocks.items()
+        if kind in high.blocks
+    ]
 
 
 def to_json(results: list[SizeResult], meta: dict[str, Any]) -> Any:
     sizes = []
     for r in results:
-        variants: dict[str, Any] = {}
-        for variant, blocks in r.blocks.items():
-            for kind, b in blocks.items():
-                variants.setdefault(variant, {})[kind] = {
-                    **b.stats(),
-                    "requests": len(b.latencies_ms),
-                    "seconds": b.seconds,
-                    "server_cores": b.server_cores,
-                    "client_cores": b.client_cores,
-                    "rest_cores": b.rest_cores,
-                    "others_cores_max": b.others_max,
-                    "chunks_redone": b.redone,
-                    "busiest_others": b.outsiders,
-                    "load_average": b.load_average,
-                    "latencies_ms": [round(v, 3) for v in b.latencies_ms],
-                }
+        kinds = {
+            kind: {
+                **b.stats(),
+                "requests": len(b.latencies_ms),
+                "seconds": b.seconds,
+                "server_cores": b.server_cores,
+                "client_cores": b.client_cores,
+                "rest_cores": b.rest_cores,
+                "others_cores_max": b.others_max,
+                "chunks_redone": b.redone,
+                "busiest_others": b.outsiders,
+                "load_average": b.load_average,
+                "latencies_ms": [round(v, 3) for v in b.latencies_ms],
+            }
+            for kind, b in r.blocks.items()
+        }
         sizes.append(
             {
                 "size": r.size,
                 "seed_seconds": r.seed_seconds,
                 "table": r.table,
-                "variants": variants,
+                "variants": {SERVER: kinds} if kinds else {},
                 "explain": r.explain,
                 "problems": r.problems,
             }
         )
     ratios = [
-        {"server": variant, "kind": kind, "p99_ratio": ratio}
-        for variant, kind, ratio in (p99_ratios(results) if len(results) >= 2 else [])
+        {"server": SERVER, "kind": kind, "p99_ratio": ratio}
+        for kind, ratio in (p99_ratios(results) if len(results) >= 2 else [])
     ]
     return {"meta": meta, "sizes": sizes, "p99_largest_over_smallest": ratios}
 
@@ -1071,52 +859,39 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.pin_client is not None:
         os.sched_setaffinity(0, {int(c) for c in args.pin_client.split(",")})
-    name = f"bench_history_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    url = database_url(name)
-    workdir = Path(tempfile.mkdtemp(prefix="chat-bench-history-"))
     results: list[SizeResult] = []
-    created = False
     try:
-        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-        created = True
-        upgrade(url.replace("postgresql://", "postgresql+asyncpg://", 1))
-        planned = max(args.sizes) * (1 + args.others) + 10
-        seeder = Seeder(
-            url,
-            args.other_sessions,
-            args.others,
-            start=datetime.now(UTC) - timedelta(seconds=planned, days=1),
-            seed=args.seed,
-        )
-        for size in args.sizes:
-            print(f"seeding to N = {size:,} ...", flush=True)
-            seconds, table, problems = asyncio.run(seed(seeder, url, size))
-            print(
-                f"  seeded in {seconds:.0f} s: chat_messages {table['rows']:,} rows, "
-                f"{table['heap_mib']:.0f} MiB heap + {table['indexes_mib']:.0f} MiB indexes",
-                flush=True,
+        with (
+            database("bench_history", keep=args.keep) as name,
+            workdir("chat-bench-history", keep=args.keep) as scratch,
+        ):
+            if args.keep:
+                print(f"kept: database {name}")
+            url = database_url(name)
+            upgrade(url.replace("postgresql://", "postgresql+asyncpg://", 1))
+            planned = max(args.sizes) * (1 + args.others) + 10
+            seeder = Seeder(
+                url,
+                args.other_sessions,
+                args.others,
+                start=datetime.now(UTC) - timedelta(seconds=planned, days=1),
+                seed=args.seed,
             )
-            result = SizeResult(size, seconds, table, problems=problems)
-            results.append(result)
-            measure_variant(seeder, url, workdir, args, result, "current")
-            if args.explain:
-                result.explain |= explain_all(seeder, url, size, args, "current")
-            if args.proposed:
-                # Only while the proposed server runs: the current one is measured, and the
-                # next size seeded, on the schema as it ships.
-                asyncio.run(run_sql(url, [*PROPOSED_INDEXES, "ANALYZE chat_messages"]))
-                measure_variant(seeder, url, workdir, args, result, "proposed")
+            for size in args.sizes:
+                print(f"seeding to N = {size:,} ...", flush=True)
+                seconds, table, problems = asyncio.run(seed(seeder, url, size))
+                print(
+                    f"  seeded in {seconds:.0f} s: chat_messages {table['rows']:,} rows, "
+                    f"{table['heap_mib']:.0f} MiB heap + {table['indexes_mib']:.0f} MiB indexes",
+                    flush=True,
+                )
+                result = SizeResult(size, seconds, table, problems=problems)
+                results.append(result)
+                measure(seeder, url, scratch, args, result)
                 if args.explain:
-                    result.explain |= explain_all(seeder, url, size, args, "proposed")
-                asyncio.run(run_sql(url, PROPOSED_DROP))
-        results[-1].problems += final_check(seeder, url, workdir, args)
+                    result.explain |= explain_all(seeder, url, size, args)
+            results[-1].problems += final_check(seeder, url, scratch, args)
     finally:
-        if created and not args.keep:
-            asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        if args.keep:
-            print(f"kept: database {name}, server logs in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
         for line in report(results, args):
             print(line)
         if args.out:
@@ -1140,26 +915,15 @@ async def seed(seeder: Seeder, url: str, size: int) -> tuple[float, dict[str, An
         await conn.close(timeout=5)
 
 
-async def run_sql(url: str, statements: Sequence[str]) -> None:
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        for sql in statements:
-            await conn.execute(sql, timeout=900)
-    finally:
-        await conn.close(timeout=5)
-
-
 def final_check(seeder: Seeder, url: str, workdir: Path, args: argparse.Namespace) -> list[str]:
     """One message sent through the service continues the seeded session at last_seq + 1."""
-    server = start_server(workdir, url, args.pin_server, "final")
-    token = TokenCodec(JWT_SECRET).issue(MEMBERS[1], ttl_seconds=3600)
+    server = start_history_server(workdir, url, args.pin_server, "final")
+    headers = bearer(token(MEMBERS[1], ttl_seconds=3600))
     session_id = seeder.big.session_id
     expected = seeder.big.last_seq + 1
     problems = []
     try:
-        with httpx.Client(
-            base_url=server.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=120
-        ) as client:
+        with httpx.Client(base_url=server.base_url, headers=headers, timeout=120) as client:
             sent = client.post(
                 f"{API}/sessions/{session_id}/messages",
                 json={"content": "after the seeding", "client_msg_id": "bench-final"},
@@ -1213,11 +977,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="other sessions' messages per message of the measured session (0: none)",
     )
     parser.add_argument("--other-sessions", type=int, default=200)
-    parser.add_argument(
-        "--proposed",
-        action="store_true",
-        help="also measure a server with the proposed `total` (see PROPOSED_SERVER)",
-    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--wait-quiet",
@@ -1259,18 +1018,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted; server stopped and database dropped", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.verbose:
-            raise
-        print(f"error: {type(exc).__name__}: {exc} (--verbose for the traceback)", file=sys.stderr)
-        return 2
+    return guarded(lambda: run(args), args.verbose)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.machine import rss_mib
+
 from chatservice.app import build_components
 from chatservice.config import Settings
 from chatservice.domain import NewSession, Principal
@@ -32,17 +34,10 @@ from chatservice.store.migrate import upgrade
 SESSIONS = 50
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 async def run(rounds: int, per_round: int, workdir: Path) -> None:
     url = f"sqlite:///{workdir / 'chat.db'}"
-    upgrade(url.replace("sqlite://", "sqlite+aiosqlite://", 1))
+    # In a thread: the migration runs an event loop of its own.
+    await asyncio.to_thread(upgrade, url.replace("sqlite://", "sqlite+aiosqlite://", 1))
     settings = Settings(database_url=url, jwt_secret_key="s" * 40, data_dir=workdir, _env_file=None)
     parts = build_components(settings)
     await parts.blobs.start()
@@ -62,13 +57,14 @@ async def run(rounds: int, per_round: int, workdir: Path) -> None:
                 text = f"message {r}-{k} " + "x" * (40 + k % 200)
                 await parts.messages.send_as_member(users[k % 3], session, Draft(content=text))
         gc.collect()
-        before = rss_mib()
+        before = rss_mib(os.getpid())
         began = time.monotonic()
         written = await parts.archives.snapshot_changed()
         gc.collect()
+        after = rss_mib(os.getpid())
         print(
             f"round {r:2}: {written} snapshots of {(r + 1) * per_round} messages each in "
-            f"{time.monotonic() - began:.1f} s; RSS {before:.1f} -> {rss_mib():.1f} MiB; "
+            f"{time.monotonic() - began:.1f} s; RSS {before:.1f} -> {after:.1f} MiB; "
             f"threads {len(os.listdir('/proc/self/task'))}",
             flush=True,
         )

@@ -9,16 +9,18 @@
 
 What it does:
 
-1. Starts its own `redis-server` on a free port (no persistence), creates a fresh
-   PostgreSQL database `soak_<random>` on SOAK_POSTGRES_URL's server (default
-   postgresql://postgres@127.0.0.1:5432/postgres; the database in that URL is only used
-   for the admin connection), runs `chat-service migrate` on it, then starts TWO
-   `chat-service serve --port P` processes with the same DATABASE_URL, REDIS_URL and a
-   fixed JWT_SECRET_KEY (the script mints tokens with `chatservice.auth.TokenCodec`), one
-   shared FILE_STORAGE_PATH (so either instance serves any file), LOG_LEVEL=WARNING,
-   RATE_LIMIT_ENABLED=false, WS_MAX_CONNECTIONS=2000 and a fixed database pool per
-   instance (`--db-pool` + `--db-overflow`, 10 + 10 by default: the PostgreSQL server is
-   shared). Every other setting is the service's default. `--chat-service` names the
+1. Starts, as every bench script does (bench/harness), its own `redis-server` on a free
+   port (no persistence), creates a fresh PostgreSQL database `soak_<random>` on
+   SOAK_POSTGRES_URL's server (default postgresql://postgres@127.0.0.1:5432/postgres; the
+   database in that URL is only used for the admin connection), runs `chat-service
+   migrate` on it, then starts TWO `chat-service serve --port P` processes with the same
+   DATABASE_URL, REDIS_URL and a fixed JWT_SECRET_KEY (the script mints its own tokens),
+   one shared DATA_DIR (so either instance serves any file from DATA_DIR/storage),
+   LOG_LEVEL=WARNING, RATE_LIMIT_ENABLED=false, WS_MAX_CONNECTIONS=2000 and a fixed
+   database pool per instance (`--db-pool` + `--db-overflow`, 10 + 10 by default: the
+   PostgreSQL server is shared). Every other setting is the service's default: the
+   caller's DEBUG, SERVICE_PORT, DATABASE_*, REDIS_*, WS_*, RATE_LIMIT*, FILE_STORAGE*,
+   S3_* and STREAM_* are left out. `--chat-service` names the
    executable (default: the `chat-service` beside this Python), so a frozen checkout's
    venv can be soaked while the script lives elsewhere.
 2. Creates `--rooms` group sessions of `--members` users, and `--agent-sessions` sessions
@@ -57,7 +59,8 @@ What it does:
    has its answer, and then checks:
      - every device saw every seq of its room after the seq it first connected at
        (`message` and `stream_end` frames carry seqs), in increasing order, with no
-       duplicate; "lost" counts acknowledged messages a device never got;
+       duplicate (harness.tally, remembering every seq across reconnects); "lost"
+       counts acknowledged messages a device never got;
      - over REST, every room's history is gap-free and holds every acknowledged
        message; every question in an agent session has exactly one stored answer
        (`reply_to`), completed;
@@ -92,16 +95,13 @@ import math
 import os
 import random
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,18 +112,23 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 import websockets
+from harness.clients import bearer, create_session, token
+from harness.machine import HOST, cpu_seconds, machine_cpu, percentile, proc_status
+from harness.run import interrupt_on_signals, run_async
+from harness.server import BASE_SCRUB, Server
+from harness.stack import Stack, started
+from harness.tally import Tally
 from PIL import Image
 from websockets.exceptions import ConnectionClosed
 
-from chatservice.auth import TokenCodec
-
-HOST = "127.0.0.1"
-POSTGRES_ADMIN_URL = os.environ.get(
+SOAK_ADMIN_URL = os.environ.get(
     "SOAK_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-JWT_SECRET = "soak-secret-" + uuid.uuid4().hex
-SERVER_READY_TIMEOUT = 60.0
-SERVER_STOP_TIMEOUT = 15.0
+# Nothing of the caller's service configuration leaks into the servers.
+SOAK_SCRUB = (
+    *BASE_SCRUB,
+    *("SERVICE_PORT", "WS_", "RATE_LIMIT", "FILE_STORAGE", "S3_", "STREAM_"),
+)
 CONNECT_TIMEOUT = 20.0
 HTTP_TIMEOUT = 30.0
 INSTANCES = ("a", "b")
@@ -169,31 +174,6 @@ FLAT_METRICS = (
 FLAT_RELATIVE = 0.05  # |last - first| within max(5 % of first, the absolute tolerance)
 
 
-# ---------------------------------------------------------------------------------------
-# /proc helpers (synchronous: they are quick reads of kernel files)
-# ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS (KiB) and Threads of a process, empty when it is gone."""
-    found: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "Threads"):
-                    found[key] = int(value.split()[0])
-    except (OSError, ValueError):
-        pass
-    return found
-
-
 def open_fds(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -201,205 +181,11 @@ def open_fds(pid: int) -> int:
         return -1
 
 
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of all cores since boot."""
-    try:
-        with open("/proc/stat") as handle:
-            values = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    total = sum(values[:8])
-    idle = values[3] + values[4]
-    return (total - idle) / os.sysconf("SC_CLK_TCK"), total / os.sysconf("SC_CLK_TCK")
-
-
-def _die_with_parent() -> None:
-    """In a child: get SIGTERM if this script dies without cleaning up (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return float(ordered[max(1, math.ceil(q * len(ordered))) - 1])
-
-
-# ---------------------------------------------------------------------------------------
-# infrastructure: redis-server, database, servers
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    port: int
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{HOST}:{self.port}"
-
-    def stop(self, sig: int = signal.SIGINT) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(SERVER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def start_redis(workdir: Path) -> Proc:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not on PATH")
-    for _attempt in range(3):
-        port = free_port()
-        log_path = workdir / f"redis-{port}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [
-                    *(binary, "--port", str(port), "--bind", HOST),
-                    *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
-                ],
-                cwd=workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-        proc = Proc("redis", process, log_path, port)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with socket.create_connection((HOST, port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return proc
-            except OSError:
-                time.sleep(0.05)
-        proc.stop(signal.SIGTERM)
-    raise RuntimeError("redis-server did not start")
-
-
-def database_url(name: str) -> str:
-    base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
-    return f"{base}/{name}"
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=10)
-    try:
-        await conn.execute(sql, timeout=60)
-    finally:
-        await conn.close(timeout=5)
-
-
-def server_env(
-    args: argparse.Namespace, workdir: Path, name: str, db_url: str, redis_url: str
-) -> dict[str, str]:
-    env = dict(os.environ)
-    for key in list(env):  # nothing of the caller's service configuration leaks in
-        if key in ("DEBUG", "SERVICE_PORT") or key.startswith(
-            ("DATABASE_", "REDIS_", "WS_", "RATE_LIMIT", "FILE_STORAGE", "S3_", "STREAM_")
-        ):
-            del env[key]
-    env.update(
-        {
-            "DATA_DIR": str(workdir / f"data-{name}"),
-            "FILE_STORAGE_PATH": str(workdir / "storage"),
-            "DATABASE_URL": db_url,
-            "DATABASE_POOL_SIZE": str(args.db_pool),
-            "DATABASE_MAX_OVERFLOW": str(args.db_overflow),
-            "REDIS_URL": redis_url,
-            "JWT_SECRET_KEY": JWT_SECRET,
-            "LOG_LEVEL": "WARNING",
-            "RATE_LIMIT_ENABLED": "false",
-            "WS_MAX_CONNECTIONS": "2000",
-        }
-    )
-    return env
-
-
-def migrate(chat_service: str, env: dict[str, str], workdir: Path) -> None:
-    done = subprocess.run(
-        [chat_service, "migrate"],
-        env=env,
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"chat-service migrate failed:\n{done.stdout}{done.stderr}")
-
-
-def start_server(chat_service: str, env: dict[str, str], workdir: Path, name: str) -> Proc:
-    port = free_port()
-    log_path = workdir / f"server-{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [chat_service, "serve", "--host", HOST, "--port", str(port)],
-            env=env,
-            cwd=workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
-    proc = Proc(name, process, log_path, port)
-    deadline = time.monotonic() + SERVER_READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"server {name} exited with {process.returncode}:\n{proc.log_tail()}"
-            )
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{proc.base_url}/readyz", timeout=2).status_code == 200:
-                return proc
-        time.sleep(0.2)
-    proc.stop()
-    raise RuntimeError(
-        f"server {name} not ready within {SERVER_READY_TIMEOUT}s:\n{proc.log_tail()}"
-    )
-
-
-def log_problems(proc: Proc) -> tuple[Counter[str], Counter[str]]:
+def log_problems(server: Server) -> tuple[Counter[str], Counter[str]]:
     """Levels of the JSON log lines, and WARNING+ lines grouped by their first words."""
     levels: Counter[str] = Counter()
     grouped: Counter[str] = Counter()
-    try:
-        lines = proc.log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return levels, grouped
-    for line in lines:
+    for line in server.log_lines():
         try:
             record = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -459,24 +245,16 @@ class Device:
         self.refused: str | None = None  # closed before its `connected` frame
         self.connected_at = 0.0  # wall clock of the current connection's `connected`
         self.start_seq: int | None = None  # deliveries are expected after this seq
-        self.last_seq = 0
-        self.seen = bytearray(64)
-        self.received = 0
-        self.duplicates = 0
-        self.gaps = 0  # a seq arrived more than one past the previous
-        self.backwards = 0  # a seq arrived below the highest one seen (not a duplicate)
+        # Every seq it got, across reconnects: replays after one must not count twice.
+        self.tally = Tally(remember=True)
         self.connects = 0
         self.unexpected: list[str] = []
         self.pending: dict[str, PendingSend] = {}  # client_msg_id -> WS send awaiting echo
         self.streams: dict[str, int] = {}  # current connection: stream id -> next chunk index
 
-    def mark(self, seq: int) -> None:
-        if seq >= len(self.seen):
-            self.seen.extend(bytes(max(seq + 1 - len(self.seen), len(self.seen))))
-        self.seen[seq] = 1
-
-    def has(self, seq: int) -> bool:
-        return seq < len(self.seen) and self.seen[seq] == 1
+    @property
+    def last_seq(self) -> int:
+        return self.tally.last_seq
 
 
 @dataclass
@@ -519,22 +297,15 @@ class Stats:
 
 
 class Soak:
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        servers: list[Proc],
-        redis_proc: Proc,
-        db_name: str,
-        csv_handle: TextIO,
-    ) -> None:
+    def __init__(self, args: argparse.Namespace, stack: Stack, csv_handle: TextIO) -> None:
+        assert stack.database is not None and stack.redis is not None
         self.args = args
-        self.servers = servers
-        self.redis_proc = redis_proc
-        self.db_name = db_name
+        self.servers = stack.servers
+        self.redis = stack.redis
+        self.db_name = stack.database
         self.csv = csv.writer(csv_handle)
         self.csv_handle = csv_handle
         self.rng = random.Random(args.seed)
-        self.codec = TokenCodec(JWT_SECRET)
         self.ttl = int(args.duration + args.drain_timeout + 7200)
         self.stats = Stats()
         self.rooms: list[Room] = []
@@ -558,7 +329,10 @@ class Soak:
         return time.monotonic() - self.t0
 
     def auth(self, user: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.codec.issue(user, ttl_seconds=self.ttl)}"}
+        return bearer(self.token(user))
+
+    def token(self, user: str) -> str:
+        return token(user, ttl_seconds=self.ttl)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(self._guard(coro, name), name=name)
@@ -583,37 +357,26 @@ class Soak:
         args = self.args
         for r in range(args.rooms):
             users = [f"g{r}m{i}-{self.run_tag}" for i in range(args.members)]
-            client = self.http[r % 2]
-            resp = await client.post(
-                "/api/chat/sessions",
-                json={"title": f"soak room {r}", "participants": users[1:]},
-                headers=self.auth(users[0]),
+            session_id = await create_session(
+                self.http[r % 2],
+                self.token(users[0]),
+                title=f"soak room {r}",
+                participants=users[1:],
             )
-            resp.raise_for_status()
-            room = Room(r, resp.json()["session_id"], "group", users)
+            room = Room(r, session_id, "group", users)
             for i, user in enumerate(users):
-                room.devices.append(
-                    Device(
-                        room,
-                        user,
-                        self.codec.issue(user, ttl_seconds=self.ttl),
-                        (r + i) % 2,
-                        f"room{r}/{user}",
-                    )
-                )
+                device = Device(room, user, self.token(user), (r + i) % 2, f"room{r}/{user}")
+                room.devices.append(device)
             self.group_rooms.append(room)
         for a in range(args.agent_sessions):
             user = f"agent-user{a}-{self.run_tag}"
-            resp = await self.http[a % 2].post(
-                "/api/chat/sessions",
-                json={"title": f"soak agent {a}", "agent_id": 1},
-                headers=self.auth(user),
+            session_id = await create_session(
+                self.http[a % 2], self.token(user), title=f"soak agent {a}", agent_id=1
             )
-            resp.raise_for_status()
-            room = Room(args.rooms + a, resp.json()["session_id"], "agent", [user])
-            token = self.codec.issue(user, ttl_seconds=self.ttl)
+            room = Room(args.rooms + a, session_id, "agent", [user])
+            user_token = self.token(user)
             for d in range(args.agent_devices):
-                room.devices.append(Device(room, user, token, d % 2, f"agent{a}/dev{d}"))
+                room.devices.append(Device(room, user, user_token, d % 2, f"agent{a}/dev{d}"))
             self.agent_rooms.append(room)
         self.rooms = self.group_rooms + self.agent_rooms
         self.devices = [d for room in self.rooms for d in room.devices]
@@ -706,20 +469,16 @@ class Soak:
         room = dev.room
         if seq > room.max_seq:
             room.max_seq = seq
-        if dev.has(seq):
-            dev.duplicates += 1
+        last = dev.last_seq
+        problem = dev.tally.see(seq)
+        if problem == "duplicate":
             self.stats.anomaly("duplicate", f"{dev.name}: seq {seq} again ({what})")
             return
-        if seq < dev.last_seq:
-            dev.backwards += 1
-            self.stats.anomaly("out of order", f"{dev.name}: seq {seq} after {dev.last_seq}")
-        elif seq > dev.last_seq + 1:
-            dev.gaps += 1
-            self.stats.anomaly("gap", f"{dev.name}: seq {seq} after {dev.last_seq} ({what})")
-        dev.mark(seq)
-        dev.received += 1
+        if problem == "out of order":
+            self.stats.anomaly("out of order", f"{dev.name}: seq {seq} after {last}")
+        elif problem == "gap":
+            self.stats.anomaly("gap", f"{dev.name}: seq {seq} after {last} ({what})")
         self.stats.count["deliveries"] += 1
-        dev.last_seq = max(dev.last_seq, seq)
 
     def on_frame(self, dev: Device, raw: str | bytes) -> None:
         now = time.time()
@@ -800,8 +559,7 @@ class Soak:
         elif kind == "connected":
             dev.connected_at = now
             if dev.start_seq is None:
-                dev.start_seq = int(frame["last_seq"])
-                dev.last_seq = dev.start_seq
+                dev.start_seq = dev.tally.last_seq = int(frame["last_seq"])
             elif int(frame["since_seq"]) != min(dev.last_seq, int(frame["last_seq"])):
                 stats.anomaly(
                     "connected.since_seq", f"{dev.name}: {frame['since_seq']} vs {dev.last_seq}"
@@ -1095,8 +853,8 @@ class Soak:
             httpx.AsyncClient(base_url=s.base_url, timeout=HTTP_TIMEOUT, limits=limits)
             for s in self.servers
         ]
-        pg = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=10)
-        rds = aioredis.Redis(host=HOST, port=self.redis_proc.port, socket_timeout=10)
+        pg = await asyncpg.connect(SOAK_ADMIN_URL, timeout=10)
+        rds = aioredis.Redis(host=HOST, port=self.redis.port, socket_timeout=10)
         try:
             await self.create_rooms()
             for start in range(0, len(self.devices), 20):
@@ -1373,7 +1131,7 @@ def delivery_report(soak: Soak) -> dict[str, Any]:
                 expected += 1
                 acked = seq in room.acked
                 acked_expected += acked
-                if dev.has(seq):
+                if dev.tally.has(seq):
                     received += 1
                 elif acked:
                     lost += 1
@@ -1390,9 +1148,9 @@ def delivery_report(soak: Soak) -> dict[str, Any]:
         "acked_deliveries_expected": acked_expected,
         "lost_acked": lost,
         "missing_other": missing_other,
-        "duplicates": sum(d.duplicates for d in devices),
-        "gaps": sum(d.gaps for d in devices),
-        "out_of_order": sum(d.backwards for d in devices),
+        "duplicates": sum(d.tally.duplicates for d in devices),
+        "gaps": sum(d.tally.gaps for d in devices),
+        "out_of_order": sum(d.tally.backwards for d in devices),
         "examples": worst,
     }
 
@@ -1574,18 +1332,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def git_commit(chat_service: str) -> str:
     """The commit of the checkout the chat-service executable belongs to, if any."""
     root = Path(chat_service).resolve().parent.parent.parent
@@ -1618,7 +1364,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot is not None:
         return replot(args)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt_on_signals()
     for path in (args.csv, args.plot, args.summary):
         path.parent.mkdir(parents=True, exist_ok=True)
     commit = git_commit(args.chat_service)
@@ -1629,61 +1375,54 @@ def main(argv: list[str] | None = None) -> int:
         f"  {' '.join(sys.argv)}",
         flush=True,
     )
-    workdir = Path(tempfile.mkdtemp(prefix="soak-"))
-    db_name = f"soak_{uuid.uuid4().hex[:10]}"
-    redis_proc: Proc | None = None
-    servers: list[Proc] = []
-    db_created = False
     soak: Soak | None = None
     outcome = 2
     logs: dict[str, tuple[Counter[str], Counter[str]]] = {}
     try:
-        redis_proc = start_redis(workdir)
-        asyncio.run(_admin(f'CREATE DATABASE "{db_name}"'))
-        db_created = True
-        db_url = database_url(db_name)
-        redis_url = f"redis://{HOST}:{redis_proc.port}/0"
-        envs = [server_env(args, workdir, name, db_url, redis_url) for name in INSTANCES]
-        migrate(args.chat_service, envs[0], workdir)
-        servers = [
-            start_server(args.chat_service, env, workdir, name)
-            for env, name in zip(envs, INSTANCES, strict=True)
-        ]
-        print(
-            f"database {db_name}, redis-server on {redis_proc.port} (pid {redis_proc.pid}), "
-            + ", ".join(f"instance {s.name} on {s.port} (pid {s.pid})" for s in servers),
-            flush=True,
-        )
-        with args.csv.open("w", newline="") as handle:
-            csv.writer(handle).writerow(CSV_COLUMNS)
-            soak = Soak(args, servers, redis_proc, db_name, handle)
-            with asyncio.Runner(loop_factory=new_loop) as runner:
-                runner.run(soak.run())
-        outcome = 0
+        with started(
+            backend="postgres",
+            names=INSTANCES,
+            redis=True,
+            program=(args.chat_service,),
+            scrub=SOAK_SCRUB,
+            max_connections=2000,
+            db_pool=args.db_pool,
+            db_overflow=args.db_overflow,
+            admin_url=SOAK_ADMIN_URL,
+            db_prefix="soak",
+            prefix="soak",
+            verbose=True,
+        ) as stack:
+            assert stack.redis is not None
+            try:
+                print(
+                    f"database {stack.database}, redis-server on {stack.redis.port} (pid "
+                    f"{stack.redis.pid}), "
+                    + ", ".join(
+                        f"instance {s.name} on {s.port} (pid {s.pid})" for s in stack.servers
+                    ),
+                    flush=True,
+                )
+                with args.csv.open("w", newline="") as handle:
+                    csv.writer(handle).writerow(CSV_COLUMNS)
+                    soak = Soak(args, stack, handle)
+                    run_async(soak.run())
+                outcome = 0
+            finally:
+                # Stopped here, before the work directory goes: a log is complete only
+                # once its server has stopped.
+                for server in stack.servers:
+                    if server.process.poll() is not None:
+                        print(f"instance {server.name} had exited with {server.process.returncode}")
+                    server.stop()
+                    logs[server.name] = log_problems(server)
+                    if args.keep_logs:
+                        with contextlib.suppress(OSError):
+                            shutil.copy(server.log_path, args.out_dir / f"server-{server.name}.log")
     except KeyboardInterrupt:
         print("interrupted", flush=True)
     except Exception as exc:
         print(f"soak failed: {type(exc).__name__}: {exc}", flush=True)
-        for server in servers:
-            print(f"--- {server.name} log tail ---\n{server.log_tail()}")
-    finally:
-        for server in servers:
-            alive = server.process.poll() is None
-            if not alive:
-                print(f"instance {server.name} had exited with {server.process.returncode}")
-            server.stop()
-            logs[server.name] = log_problems(server)
-            if args.keep_logs:
-                with contextlib.suppress(OSError):
-                    shutil.copy(server.log_path, args.out_dir / f"server-{server.name}.log")
-        if redis_proc is not None:
-            redis_proc.stop(signal.SIGTERM)
-        if db_created:
-            try:
-                asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-            except Exception as exc:
-                print(f"could not drop database {db_name}: {exc}")
-        shutil.rmtree(workdir, ignore_errors=True)
     if soak is None or not soak.samples:
         return 2
     summary, lines = report(soak, args, logs)

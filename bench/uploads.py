@@ -7,10 +7,11 @@
 
 What it does:
 
-1. Starts one `chat-service serve` the way the other benchmarks do (`bench/agent_streams.py`'s
-   `setup`, which builds on `bench/ws_fanout.py`: fixed JWT_SECRET_KEY, LOG_LEVEL=WARNING,
-   RATE_LIMIT_ENABLED=false, SQLite in a temporary DATA_DIR or a fresh PostgreSQL database
-   on BENCH_POSTGRES_URL that is dropped at the end). `--storage local` keeps blobs in
+1. Starts one `chat-service serve` the way the other benchmarks do (bench/harness: fixed
+   JWT_SECRET_KEY, LOG_LEVEL=WARNING, RATE_LIMIT_ENABLED=false, SQLite in a temporary
+   DATA_DIR or a fresh PostgreSQL database on BENCH_POSTGRES_URL that is dropped at the
+   end; the caller's file, S3, AWS, archive and transcript settings are left out, from
+   this process's environment too). `--storage local` keeps blobs in
    DATA_DIR/storage (the default store; it fsyncs every blob). `--storage s3` first starts
    moto's S3 server (`python -m moto.server`, a process of its own on a free port) and gives
    the server FILE_STORAGE_TYPE=s3, S3_BUCKET_NAME, S3_ENDPOINT_URL, S3_REGION and the
@@ -47,461 +48,39 @@ What it does:
 
 moto keeps every object in its own memory; the memory figures are the chat-service
 process's, not moto's (moto's RSS is printed for the record).
-
-Shared with `bench/archive.py` (which imports them from here): the storage setup (`started`),
-the memory probe, the /healthz probe, the caller-environment scrub and the table helpers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import io
 import math
 import os
-import shlex
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-from agent_streams import Load, Meter, Setup, bearer, setup
-from ws_fanout import (
-    HOST,
-    JWT_SECRET,
-    _die_with_parent,
-    free_port,
-    percentile,
-    quiet_machine,
-    run_async,
-)
+from harness.clients import API, bearer, create_session, new_user
+from harness.machine import cpu_seconds, percentile, proc_status, quiet_machine
+from harness.meter import Load
+from harness.probes import HealthProbe, Memory, MemoryProbe
+from harness.report import markdown_table, spread
+from harness.run import echo_command, guarded, run_async
+from harness.stack import Stack
+from harness.storage import S3_KEY, S3_REGION, add_storage_args, moto_of, started_with_storage
 
-from chatservice.auth import TokenCodec
-
-API = "/api/chat"
 MB = 1_000_000  # throughput is in MB/s of 10^6 bytes
-MOTO_READY_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 300.0  # one upload or download on a loaded 2-core machine
-S3_REGION = "us-east-1"
-S3_KEY = "bench"  # moto accepts any credentials; fixed ones keep the run off ~/.aws
 PDF_HEAD = b"%PDF-1.7\n"
-# Settings the run defines itself: whatever the caller's shell has must not change it.
-_SCRUBBED_PREFIXES = ("FILE_STORAGE", "S3_", "AWS_", "ARCHIVE_", "SESSION_IDLE", "TRANSCRIPT_")
-_SCRUBBED = ("MAX_FILE_SIZE", "ALLOWED_FILE_TYPES", "THUMBNAIL_SIZE", "MAX_IMAGE_PIXELS")
-
-
-# ---------------------------------------------------------------------------------------
-# shared with archive.py: environment, storage, memory and responsiveness probes, tables
-# ---------------------------------------------------------------------------------------
-
-
-def scrub_environment() -> None:
-    """Drop file/S3/archive settings from this process's environment.
-
-    `server_env` copies os.environ into the server's, so a FILE_STORAGE_TYPE or AWS_PROFILE
-    in the caller's shell would otherwise pick the storage or credentials for the run.
-    """
-    for name in list(os.environ):
-        if name.startswith(_SCRUBBED_PREFIXES) or name in _SCRUBBED:
-            del os.environ[name]
-
-
-@dataclass
-class Moto:
-    """moto's S3 server in a process of its own (objects live in its memory)."""
-
-    process: subprocess.Popen[bytes]
-    url: str
-    logdir: Path
-    bucket: str = field(default_factory=lambda: f"bench-{uuid.uuid4().hex[:12]}")
-
-    def server_env(self) -> dict[str, str]:
-        return {
-            "FILE_STORAGE_TYPE": "s3",
-            "S3_BUCKET_NAME": self.bucket,  # the server creates it at start-up
-            "S3_ENDPOINT_URL": self.url,
-            "S3_REGION": S3_REGION,
-            "AWS_DEFAULT_REGION": S3_REGION,
-            "AWS_ACCESS_KEY_ID": S3_KEY,
-            "AWS_SECRET_ACCESS_KEY": S3_KEY,
-        }
-
-    def stop(self, keep: bool = False) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        if keep:
-            print(f"kept {self.logdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(self.logdir, ignore_errors=True)
-
-
-def start_moto() -> Moto:
-    logdir = Path(tempfile.mkdtemp(prefix="chat-bench-moto-"))
-    last = ""
-    for _attempt in range(3):  # the free port may be taken before moto binds it
-        port = free_port()
-        log_path = logdir / f"moto-{port}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)],
-                cwd=logdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-        moto = Moto(process, f"http://{HOST}:{port}", logdir)
-        deadline = time.monotonic() + MOTO_READY_TIMEOUT
-        while time.monotonic() < deadline and process.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.get(moto.url, timeout=1)
-                return moto
-            time.sleep(0.1)
-        last = log_path.read_text(errors="replace")[-2000:]
-        moto.stop(keep=True)
-    shutil.rmtree(logdir, ignore_errors=True)
-    raise RuntimeError(f"moto.server did not start:\n{last}")
-
-
-@dataclass
-class Running:
-    """One server (and moto, with --storage s3) for the whole run."""
-
-    state: Setup
-    moto: Moto | None
-
-    @property
-    def server(self) -> Any:
-        return self.state.servers[0]
-
-    @property
-    def pid(self) -> int:
-        return int(self.server.process.pid)
-
-    @property
-    def base_url(self) -> str:
-        return str(self.server.base_url)
-
-    def meter(self) -> Meter:
-        pids = self.state.pids()
-        if self.moto is not None:
-            pids["moto"] = self.moto.process.pid
-        return Meter(pids, self.state.database, self.state.servers)
-
-
-@contextlib.contextmanager
-def started(args: argparse.Namespace, extra_env: dict[str, str], part: str) -> Iterator[Running]:
-    """moto (for s3), then the server through agent_streams' `setup`; all torn down after."""
-    moto = start_moto() if args.storage == "s3" else None
-    try:
-        env = {"FILE_STORAGE_TYPE": "local", **extra_env}
-        if moto is not None:
-            env.update(moto.server_env())
-        with setup(args, backend=args.backend, extra_env=env, part=part) as state:
-            yield Running(state, moto)
-    finally:
-        if moto is not None:
-            moto.stop(keep=args.keep)
-
-
-def proc_status_kib(pid: int) -> dict[str, int]:
-    """The kB fields of /proc/<pid>/status (VmRSS, VmHWM, …); empty when unreadable."""
-    found: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                name, _, rest = line.partition(":")
-                parts = rest.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    found[name] = int(parts[0])
-    except (OSError, ValueError):
-        pass
-    return found
-
-
-def loop_thread_cpu(pid: int) -> float:
-    """CPU seconds of the process's main thread: the server's event loop (Linux /proc).
-
-    The server's total CPU includes its worker threads (file writes, thumbnails), which a
-    second core can run in parallel; the event loop is the part that cannot spread out.
-    """
-    try:
-        with open(f"/proc/{pid}/task/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return math.nan
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset the process's VmHWM to its current RSS (Linux >= 4.0, needs ptrace rights)."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return True
-
-
-@dataclass
-class Memory:
-    """A process's resident memory around one measured stretch, in MiB."""
-
-    before: float
-    peak: float  # VmHWM after a reset, or the sampled peak when the reset failed
-    sampled_peak: float
-    after: float
-    hwm_reset: bool
-    samples: int
-
-    @property
-    def growth(self) -> float:
-        return self.peak - self.before
-
-    def text(self) -> str:
-        how = "VmHWM" if self.hwm_reset else "sampled"
-        return (
-            f"RSS before {self.before:.0f} MiB, peak {self.peak:.0f} MiB ({how}; sampled "
-            f"{self.sampled_peak:.0f}), +{self.growth:.0f} MiB, after {self.after:.0f} MiB"
-        )
-
-
-class MemoryProbe:
-    """Peak resident memory of one process while a `with` block runs.
-
-    The kernel's VmHWM is exact but covers the process's whole life, so it is reset on
-    entry; a thread samples VmRSS every `interval` s as well, which cross-checks it and
-    is the figure used when the reset is not permitted.
-    """
-
-    def __init__(self, pid: int, interval: float = 0.02) -> None:
-        self.pid = pid
-        self.interval = interval
-        self._stop = threading.Event()
-        self._peak_kib = 0
-        self._samples = 0
-        self._thread: threading.Thread | None = None
-        self.result: Memory | None = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            rss = proc_status_kib(self.pid).get("VmRSS", 0)
-            self._peak_kib = max(self._peak_kib, rss)
-            self._samples += 1
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> MemoryProbe:
-        self._before = proc_status_kib(self.pid).get("VmRSS", 0)
-        self._peak_kib = self._before
-        self._reset = reset_peak(self.pid)
-        self._thread = threading.Thread(target=self._run, name="rss-probe", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
-        status = proc_status_kib(self.pid)
-        after = status.get("VmRSS", 0)
-        sampled = max(self._peak_kib, after)
-        peak = max(status.get("VmHWM", 0), sampled) if self._reset else sampled
-        self.result = Memory(
-            self._before / 1024,
-            peak / 1024,
-            sampled / 1024,
-            after / 1024,
-            self._reset,
-            self._samples,
-        )
-
-
-class HealthProbe:
-    """GET /healthz every `interval` s on a connection of its own, while a block runs.
-
-    A request that takes long means the server's event loop was busy with something
-    else (a CPU-bound step on the loop) for that long.
-    """
-
-    def __init__(self, base_url: str, interval: float = 0.05) -> None:
-        self.base_url = base_url
-        self.interval = interval
-        self.latencies: list[float] = []
-        self.failures = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=REQUEST_TIMEOUT) as http:
-            while True:
-                started = time.perf_counter()
-                try:
-                    response = await http.get("/healthz")
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                self.latencies.append(time.perf_counter() - started)
-                self.failures += not ok
-                await asyncio.sleep(self.interval)
-
-    async def __aenter__(self) -> HealthProbe:
-        self._task = asyncio.create_task(self._run())
-        await asyncio.sleep(0)
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    def text(self) -> str:
-        if not self.latencies:
-            return "/healthz: no probe completed"
-        ordered = sorted(self.latencies)
-        return (
-            f"/healthz every {self.interval * 1000:.0f} ms: {len(ordered)} probes, p50 "
-            f"{percentile(ordered, 0.5) * 1000:.1f} ms, max {ordered[-1] * 1000:.0f} ms"
-            + (f", {self.failures} failed" if self.failures else "")
-        )
-
-    @property
-    def max_ms(self) -> float:
-        return max(self.latencies, default=math.nan) * 1000
-
-
-def load_text(load: Load) -> str:
-    """CPU of this run's processes and how busy the rest of the machine was, one line."""
-    cpu = ", ".join(f"{name} {share:.0%}" for name, share in load.cpu.items())
-    one, five, _ = os.getloadavg()
-    return (
-        f"cpu (share of one core): {cpu}; other load {load.others:.2f} cores "
-        f"({load.before:.2f} busy just before; {load.irq:.2f} of it kernel irq/softirq, "
-        f"loopback traffic included); load average {one:.2f} / {five:.2f}; busiest other "
-        f"processes: {load.outsiders or '-'}"
-    )
-
-
-def markdown_table(rows: Sequence[dict[str, str]]) -> str:
-    if not rows:
-        return "(no rows)"
-    keys = list(rows[0])
-    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    out += ["| " + " | ".join(row.get(k, "") for k in keys) + " |" for row in rows]
-    return "\n".join(out)
-
-
-def spread(values: Sequence[float], fmt: str = "{:.0f}") -> str:
-    """`min-max` (en dash) of the finite values (one value when they agree when formatted)."""
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return "-"
-    low, high = fmt.format(min(finite)), fmt.format(max(finite))
-    return low if low == high else f"{low}\u2013{high}"
-
-
-def min_median(values: Sequence[float], fmt: str = "{:.0f}") -> str:
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return "-"
-    return f"{fmt.format(min(finite))} / {fmt.format(statistics.median(finite))}"
-
-
-def echo_command(script: str, args: argparse.Namespace, names: Sequence[str]) -> str:
-    """The command as typed, and as it would read with every option spelled out."""
-    typed = shlex.join([".venv/bin/python", script, *sys.argv[1:]])
-    full: list[str] = []
-    for name in names:
-        value = getattr(args, name)
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            full += [flag] if value else []
-        elif value is not None:
-            full += [flag, str(value)]
-    return f"command: {typed}\n  = {shlex.join([script, *full])}"
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
-    parser.add_argument(
-        "--storage",
-        choices=["local", "s3"],
-        default="local",
-        help="local: DATA_DIR/storage; s3: the benchmark's own moto server",
-    )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="before each measured round, wait up to this long for an idle machine (the "
-        "report shows how busy it was either way)",
-    )
-    parser.add_argument("--db-pool", type=int, default=20, help="PostgreSQL pool (no overflow)")
-    parser.add_argument(
-        "--server-profile",
-        metavar="PATH",
-        help="run the server under cProfile, written to PATH.<part>.server (slows it)",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the temp dirs (server log)")
-    parser.add_argument("--verbose", action="store_true", help="tracebacks and server logs")
-
-
-def run_main(args: argparse.Namespace, banner: str, body: Callable[[], int]) -> int:
-    """Signals, the banner, and the status codes every bench script uses."""
-    # Ctrl-C and SIGTERM end the run through KeyboardInterrupt, so every `finally` on the
-    # way out stops the server and moto, drops the database and removes the temp dirs.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    scrub_environment()
-    print(banner, flush=True)
-    try:
-        return body()
-    except KeyboardInterrupt:
-        print("interrupted; servers and temporary data cleaned up", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.verbose:
-            raise
-        print(f"error: {type(exc).__name__}: {exc} (--verbose for the traceback)", file=sys.stderr)
-        return 2
-
-
-def new_user(codec: TokenCodec, label: str, name: str) -> tuple[str, str]:
-    """A fresh user id and its token (the name becomes the transcript's display name)."""
-    user = f"bench-{label}-{uuid.uuid4().hex[:8]}"
-    return user, codec.issue(user, name=name)
-
-
-async def create_group(http: httpx.AsyncClient, token: str, others: list[str], title: str) -> str:
-    response = await http.post(
-        f"{API}/sessions",
-        json={"kind": "group", "title": title, "participants": others},
-        headers=bearer(token),
-    )
-    if response.status_code not in (200, 201):
-        raise RuntimeError(f"POST /sessions: {response.status_code} {response.text[:300]}")
-    return str(response.json()["session_id"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -642,7 +221,7 @@ class Round:
         return self.load.cpu.get("server", 0.0) * self.window * 1000 / self.files
 
     def pct_ms(self, q: float) -> float:
-        return percentile(sorted(self.latencies), q) * 1000
+        return percentile(self.latencies, q) * 1000
 
 
 async def upload(
@@ -758,7 +337,7 @@ class Outcome:
 
 
 async def measured_round(
-    run: Running,
+    stack: Stack,
     http: httpx.AsyncClient,
     args: argparse.Namespace,
     session_id: str,
@@ -774,16 +353,19 @@ async def measured_round(
     s3 = None
     if s3_store is not None:
         s3 = await s3_store_baseline(s3_store, payloads, args.concurrency, label)
-    meter = run.meter()
+    server = stack.servers[0]
+    meter = stack.meter()
     meter.before = before
     await meter.start(None)
-    loop0 = loop_thread_cpu(run.pid)
-    with MemoryProbe(run.pid) as memory:
-        async with HealthProbe(run.base_url) as health:
+    # The main thread is the server's event loop: the part of its work that cannot spread
+    # over a second core as its worker threads (file writes, thumbnails) can.
+    loop0 = cpu_seconds(server.pid, thread=server.pid)
+    with MemoryProbe(server.pid) as memory:
+        async with HealthProbe(server.base_url, timeout=REQUEST_TIMEOUT) as health:
             elapsed, latencies, uploaded, problems = await upload_all(
                 http, session_id, token, payloads, kind, args.concurrency, label
             )
-    loop_seconds = loop_thread_cpu(run.pid) - loop0
+    loop_seconds = cpu_seconds(server.pid, thread=server.pid) - loop0
     window = time.monotonic() - meter.t0  # the span the meter's CPU shares are over
     load = await meter.stop()
     assert memory.result is not None
@@ -819,7 +401,7 @@ def round_lines(r: Round) -> list[str]:
         f"  baseline: {base}",
         f"  server memory: {r.memory.text()}; peak - after warm-up {r.above_idle:+.0f} MiB",
         f"  {r.health.text()}",
-        f"  {load_text(r.load)}",
+        f"  {r.load.text()}",
         *(f"  problem: {p}" for p in r.failures[:5]),
     ]
 
@@ -849,12 +431,11 @@ def round_row(r: Round, args: argparse.Namespace) -> dict[str, str]:
     return row
 
 
-async def bench(run: Running, args: argparse.Namespace) -> Outcome:
+async def bench(stack: Stack, args: argparse.Namespace) -> Outcome:
     outcome = Outcome()
-    codec = TokenCodec(JWT_SECRET)
-    _owner, token = new_user(codec, "up", "Uploader")
-    peer, _ = new_user(codec, "peer", "Peer")
-    workdir = run.state.workdir
+    server, moto = stack.servers[0], moto_of(stack)
+    _owner, token = new_user("up", "Uploader")
+    peer, _ = new_user("peer", "Peer")
     print("preparing payloads …", flush=True)
     if args.kind == "image":
         jpeg = photo_jpeg(args.image_width, args.image_height)
@@ -869,12 +450,12 @@ async def bench(run: Running, args: argparse.Namespace) -> Outcome:
         size = args.size
     pdfs = pdf_payloads(args.files, size)
     s3_store = None
-    if run.moto is not None:
+    if moto is not None:
         from chatservice.blobs.s3 import S3BlobStore
 
         s3_store = S3BlobStore(
-            run.moto.bucket,
-            endpoint_url=run.moto.url,
+            moto.bucket,
+            endpoint_url=moto.url,
             region=S3_REGION,
             access_key_id=S3_KEY,
             secret_access_key=S3_KEY,
@@ -884,9 +465,11 @@ async def bench(run: Running, args: argparse.Namespace) -> Outcome:
     everything: list[Uploaded] = []
     try:
         async with httpx.AsyncClient(
-            base_url=run.base_url, timeout=REQUEST_TIMEOUT, limits=limits
+            base_url=server.base_url, timeout=REQUEST_TIMEOUT, limits=limits
         ) as http:
-            session_id = await create_group(http, token, [peer], "upload bench")
+            session_id = await create_session(
+                http, token, kind="group", title="upload bench", participants=[peer]
+            )
             first = (images or pdfs)[:1]
             _, _, warm, problems = await upload_all(
                 http, session_id, token, first, args.kind, 1, "warmup"
@@ -894,7 +477,7 @@ async def bench(run: Running, args: argparse.Namespace) -> Outcome:
             if problems or not warm:
                 raise RuntimeError(f"warm-up upload failed: {problems[:1]}")
             everything += warm
-            idle = proc_status_kib(run.pid)
+            idle = proc_status(server.pid)
             outcome.lines.append(
                 f"server after warm-up: VmRSS {idle.get('VmRSS', 0) / 1024:.0f} MiB, "
                 f"VmHWM since start {idle.get('VmHWM', 0) / 1024:.0f} MiB"
@@ -907,7 +490,7 @@ async def bench(run: Running, args: argparse.Namespace) -> Outcome:
                     plan = [("pdf", pdfs, f"r{n}-pdf"), ("image", images, f"r{n}-jpeg")]
                 for kind, payloads, label in plan:
                     result, uploaded = await measured_round(
-                        run,
+                        stack,
                         http,
                         args,
                         session_id,
@@ -916,7 +499,7 @@ async def bench(run: Running, args: argparse.Namespace) -> Outcome:
                         kind,
                         label,
                         s3_store,
-                        workdir,
+                        stack.workdir,
                     )
                     result.idle_rss = idle.get("VmRSS", 0) / 1024
                     everything += uploaded
@@ -925,7 +508,7 @@ async def bench(run: Running, args: argparse.Namespace) -> Outcome:
                     print("\n".join(round_lines(result)), flush=True)
 
             await quiet_machine(args.wait_quiet)
-            with MemoryProbe(run.pid) as memory:
+            with MemoryProbe(server.pid) as memory:
                 seconds, received, problems = await download_all(
                     http, token, everything, args.concurrency
                 )
@@ -945,11 +528,9 @@ async def bench(run: Running, args: argparse.Namespace) -> Outcome:
     finally:
         if s3_store is not None:
             await s3_store.close()
-    if run.moto is not None:
-        moto = proc_status_kib(run.moto.process.pid)
-        outcome.lines.append(
-            f"moto (holds every object in memory): VmRSS {moto.get('VmRSS', 0) / 1024:.0f} MiB"
-        )
+    if moto is not None:
+        rss = proc_status(moto.pid).get("VmRSS", 0)
+        outcome.lines.append(f"moto (holds every object in memory): VmRSS {rss / 1024:.0f} MiB")
     return outcome
 
 
@@ -986,7 +567,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Upload throughput and server memory (see the module docstring)."
     )
-    add_common_args(parser)
+    add_storage_args(parser)
     parser.add_argument(
         "--kind",
         choices=["file", "image"],
@@ -1034,12 +615,13 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def run_all() -> int:
-        # `setup` is synchronous (it runs its own event loops for PostgreSQL admin work),
+        print(banner, flush=True)
+        # Starting is synchronous (it runs its own event loops for PostgreSQL admin work),
         # so the server starts outside the loop that measures.
-        with started(args, {}, part="uploads") as run:
-            print(f"server code: {run.state.code}", flush=True)
-            outcome = run_async(bench(run, args))
-            outcome.problems += run.state.problems()
+        with started_with_storage(args, {}, part="uploads") as stack:
+            print(f"server code: {stack.code}", flush=True)
+            outcome = run_async(bench(stack, args))
+            outcome.problems += stack.problems()
         for line in outcome.lines:
             print(line)
         print()
@@ -1052,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"result: {'OK' if ok else 'FAILED'}", flush=True)
         return 0 if ok else 1
 
-    return run_main(args, banner, run_all)
+    return guarded(run_all, args.verbose)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ Scenarios (`--scenario`; `--rooms`, `--members`, `--senders`, `--window`, `--rat
 
 What it does, for each backend:
 
-1. Starts `--instances` `chat-service serve` processes on free 127.0.0.1 ports with a fixed
-   JWT_SECRET_KEY (so it mints tokens itself with `chatservice.auth.TokenCodec`),
-   LOG_LEVEL=WARNING, RATE_LIMIT_ENABLED=false and WS_MAX_CONNECTIONS raised above
-   rooms x members. SQLite lives in a temporary DATA_DIR (one instance only); PostgreSQL
+1. Starts `--instances` `chat-service serve` processes on free 127.0.0.1 ports the way
+   every bench script does (bench/harness: a fixed JWT_SECRET_KEY, so it mints tokens
+   itself, LOG_LEVEL=WARNING, RATE_LIMIT_ENABLED=false), with WS_MAX_CONNECTIONS raised
+   above rooms x members. SQLite lives in a temporary DATA_DIR (one instance only); PostgreSQL
    gets a fresh database (created with asyncpg on BENCH_POSTGRES_URL, default
    postgresql://postgres@127.0.0.1:5432/test, migrated with `chat-service migrate`, dropped
    at the end) that every instance shares, with DATABASE_POOL_SIZE=`--db-pool` and no
@@ -24,12 +24,12 @@ What it does, for each backend:
    `--bus redis` starts the benchmark's own `redis-server` on a free port (no persistence,
    stopped at the end) and gives every instance its REDIS_URL. Two instances need
    PostgreSQL and Redis.
-2. Creates `--rooms` group sessions of `--members` users each over REST (SDK `ChatClient`),
-   then connects every member over WebSocket, `--connect-batch` handshakes at a time, and
-   waits for a `pong` on each connection: the server answers `ping` only once the
-   connection is attached to the hub, so every connection is known to be live before the
-   first message is sent. With two instances the members of each room alternate between
-   them (member i of room r goes to instance (r + i) mod 2), senders included.
+2. Creates `--rooms` group sessions of `--members` users each over REST, then connects
+   every member over WebSocket, `--connect-batch` handshakes at a time, and waits for a
+   `pong` on each connection: the server answers `ping` only once the connection is
+   attached to the hub, so every connection is known to be live before the first message
+   is sent. With two instances the members of each room alternate between them (member i
+   of room r goes to instance (r + i) mod 2), senders included.
 3. Members 0 .. `--senders`-1 of each room are its senders. For `--duration` seconds each
    sends `message` frames (with a `client_msg_id`), either as fast as a window of
    `--window` unacknowledged messages allows (windowed; a message is acknowledged when its
@@ -42,7 +42,8 @@ What it does, for each backend:
    deliveries expected (sent x members: every member of a room, its senders included,
    receives every message of the room), deliveries received, delivered messages/s,
    p50/p99 delivery latency, lost deliveries, and whether every connection got its room's
-   messages with seq 1, 2, 3, … (strictly increasing, no gap, no duplicate).
+   messages with seq 1, 2, 3, … (strictly increasing, no gap, no duplicate; a duplicate
+   is not counted as received: harness.tally).
    With Redis it reads `INFO commandstats` from its own redis-server just before sending
    starts and again once the last delivery has arrived, and prints the commands Redis
    executed in between (every command, those run inside Lua scripts included, minus the
@@ -65,10 +66,9 @@ windowed, 500 in many-small) stay in the main process and use the SDK's
 `RealtimeConnection` (automatic reconnect off, so a dropped connection is reported rather
 than repaired; websockets' client keepalive off, as on the receivers: `SenderConnection`
 says why), read with `receive()` without a timeout (no per-frame `wait_for` task) —
-their rate is bounded by the window or the schedule, not by the client — and setup and the
-final check use the SDK's `ChatClient`. The CPU line of the report shows the share of a
-core each process used: if the receiver or sender process sits near 100 % the figures
-describe the generator, not the server.
+their rate is bounded by the window or the schedule, not by the client. The CPU line of
+the report shows the share of a core each process used: if the receiver or sender
+process sits near 100 % the figures describe the generator, not the server.
 
 Every wait is bounded; the servers, the redis-server, the receiver processes, the
 temporary directory and the PostgreSQL database are cleaned up on success, on errors and
@@ -84,41 +84,29 @@ import contextlib
 import math
 import multiprocessing as mp
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import orjson
-import websockets
+from harness.clients import API, PING_TIMEOUT, bearer, create_session, open_live, token, ws_url
+from harness.machine import HOST, percentile, quiet_machine
+from harness.meter import Load, Meter
+from harness.run import add_run_args, guarded, run_async, stop_child
+from harness.server import Server
+from harness.stack import Stack, started
+from harness.tally import Tally
 from websockets.exceptions import ConnectionClosed as WSClosed
 
-from chatservice.auth import TokenCodec
-from chatservice.client import ChatClient, ConnectionClosed, RealtimeConnection
-
-T = TypeVar("T")
-
-HOST = "127.0.0.1"
-POSTGRES_ADMIN_URL = os.environ.get(
-    "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
-JWT_SECRET = "bench-secret-" + uuid.uuid4().hex
-SERVER_READY_TIMEOUT = 30.0
-SERVER_STOP_TIMEOUT = 10.0
-MIGRATE_TIMEOUT = 120.0
-PING_TIMEOUT = 15.0
-REDIS_READY_TIMEOUT = 10.0
+from chatservice.client import ConnectionClosed, RealtimeConnection
 
 # What each scenario means when --rooms/--members/--senders/--window/--rate/--drain-timeout
 # are not given. `window` set = windowed senders; `rate` set = paced senders.
@@ -143,108 +131,6 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------
-# small helpers
-# ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), 0.0 when unreadable."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process in MiB (Linux /proc), 0.0 when unreadable."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return 0.0
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (Linux /proc/stat), 0.0 when unreadable."""
-    try:
-        with open("/proc/stat") as handle:
-            values = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu() -> dict[int, tuple[str, float]]:
-    """CPU seconds of every process on the machine, by pid, with its command name."""
-    found: dict[int, tuple[str, float]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        found[int(entry)] = (name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
-    return found
-
-
-def top_outsiders(
-    before: dict[int, tuple[str, float]],
-    after: dict[int, tuple[str, float]],
-    ours: set[int],
-    elapsed: float,
-) -> str:
-    """The three busiest processes that are not part of this run, as `name(pid) share`."""
-    used = [
-        (cpu - before.get(pid, (name, 0.0))[1], name, pid)
-        for pid, (name, cpu) in after.items()
-        if pid not in ours
-    ]
-    used.sort(reverse=True)
-    return ", ".join(
-        f"{name}({pid}) {seconds / elapsed:.0%}" for seconds, name, pid in used[:3] if seconds > 0
-    )
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of already sorted values."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return float(sorted_values[rank - 1])
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed (it comes with uvicorn[standard]), else the default loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-def run_async(main: Awaitable[T]) -> T:
-    with asyncio.Runner(loop_factory=new_loop) as runner:
-        return runner.run(main)  # type: ignore[arg-type]
-
-
 async def pipe_recv(pipe: Pipe, timeout: float) -> Any:
     """Receive one object from a multiprocessing pipe without blocking the event loop."""
     if not pipe.poll():
@@ -265,192 +151,6 @@ async def pipe_recv(pipe: Pipe, timeout: float) -> Any:
     return pipe.recv()
 
 
-def _die_with_parent() -> None:
-    """In the server child: get SIGTERM if this script dies without cleaning up (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-# ---------------------------------------------------------------------------------------
-# server and database
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    base_url: str
-    log_path: Path
-    name: str = "server"
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def errors(self) -> list[str]:
-        """ERROR/CRITICAL lines of the (JSON) server log, shortened to one line each."""
-        found: list[str] = []
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return found
-        for line in lines:
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("level") in ("ERROR", "CRITICAL"):
-                exc = str(record.get("exception") or "").strip().splitlines()
-                text = str(record.get("message", "")).strip()
-                found.append(f"{text} {exc[-1] if exc else ''}".strip()[:300])
-        return found
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            # SIGINT, like Ctrl-C: uvicorn shuts down gracefully and re-raises it, so a
-            # profiled server still writes its profile (SIGTERM would end it silently).
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(SERVER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-
-def server_env(
-    workdir: Path,
-    database_url: str | None,
-    max_connections: int,
-    redis_url: str | None = None,
-    db_pool: int | None = None,
-) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "DATA_DIR": str(workdir / "data"),
-        "JWT_SECRET_KEY": JWT_SECRET,
-        "LOG_LEVEL": "WARNING",
-        "WS_MAX_CONNECTIONS": str(max_connections),
-    }
-    # No rate limit (it would cap a sender long before the server's capacity), and the
-    # bus and database the run asks for, whatever the caller's env.
-    env["RATE_LIMIT_ENABLED"] = "false"
-    for name in (
-        "DEBUG",
-        "DATABASE_URL",
-        "REDIS_URL",
-        "DATABASE_POOL_SIZE",
-        "DATABASE_MAX_OVERFLOW",
-        "REDIS_MAX_CONNECTIONS",
-        "REDIS_POOL_SIZE",
-    ):
-        env.pop(name, None)
-    if database_url:
-        env["DATABASE_URL"] = database_url
-        if db_pool is not None:
-            # A fixed pool per instance: two instances at the default 20 + 40 could open
-            # 120 connections against PostgreSQL's default max_connections=100.
-            env["DATABASE_POOL_SIZE"] = str(db_pool)
-            env["DATABASE_MAX_OVERFLOW"] = "0"
-    if redis_url:
-        env["REDIS_URL"] = redis_url
-    return env
-
-
-def start_server(
-    workdir: Path, env: dict[str, str], profile: Path | None = None, name: str = "server"
-) -> Server:
-    port = free_port()
-    log_path = workdir / f"{name}.log"
-    command = [sys.executable, "-m", "chatservice.cli", "serve"]
-    command += ["--host", HOST, "--port", str(port)]
-    if profile is not None:  # cProfile of the server's event-loop thread, written at exit
-        command[1:1] = ["-m", "cProfile", "-o", str(profile)]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command,
-            env=env,
-            cwd=workdir,  # no stray `.env` from wherever the script is started
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
-    server = Server(process, f"http://{HOST}:{port}", log_path, name)
-    deadline = time.monotonic() + SERVER_READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.base_url}/readyz", timeout=1).status_code == 200:
-                return server
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"server not ready within {SERVER_READY_TIMEOUT}s:\n{server.log_tail()}")
-
-
-@dataclass
-class RedisServer:
-    """The benchmark's own redis-server: no persistence, 127.0.0.1 only."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(SERVER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-
-def _redis_answers(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def start_redis(workdir: Path) -> RedisServer:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("--bus redis needs redis-server on PATH (apt-get install redis-server)")
-    last = ""
-    for _attempt in range(3):  # the free port may be taken before redis-server binds it
-        port = free_port()
-        log_path = workdir / f"redis-{port}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [
-                    *(binary, "--port", str(port), "--bind", HOST),
-                    *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
-                ],
-                cwd=workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-        server = RedisServer(process, port)
-        deadline = time.monotonic() + REDIS_READY_TIMEOUT
-        while time.monotonic() < deadline and process.poll() is None:
-            if _redis_answers(port):
-                return server
-            time.sleep(0.05)
-        server.stop()
-        last = log_path.read_text(errors="replace")[-2000:]
-    raise RuntimeError(f"redis-server did not start:\n{last}")
-
-
 async def redis_calls(client: Any) -> dict[str, int]:
     """Calls per command since redis-server started (`INFO commandstats`)."""
     stats = await asyncio.wait_for(client.info("commandstats"), 10)
@@ -459,42 +159,6 @@ async def redis_calls(client: Any) -> dict[str, int]:
         for name, value in stats.items()
         if isinstance(value, dict) and "calls" in value
     }
-
-
-def _database_url(name: str) -> str:
-    base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
-    return f"{base}/{name}"
-
-
-async def _admin(sql: str) -> None:
-    import asyncpg  # type: ignore[import-untyped]
-
-    conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
-    try:
-        await conn.execute(sql, timeout=30)
-    finally:
-        await conn.close(timeout=5)
-
-
-def create_postgres_database(name: str) -> None:
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-
-
-def migrate_postgres(workdir: Path, env: dict[str, str]) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "chatservice.cli", "migrate"],
-        env=env,
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=MIGRATE_TIMEOUT,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"chat-service migrate failed:\n{done.stdout}{done.stderr}")
-
-
-def drop_postgres_database(name: str) -> None:
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 # ---------------------------------------------------------------------------------------
@@ -510,60 +174,18 @@ class Member:
     url: str
 
 
-class Tally:
-    """What one receiving connection saw."""
+class Seen(Tally):
+    """What one connection saw of its room's messages."""
 
-    __slots__ = ("bad", "closed", "count", "duplicates", "gaps", "last_seq", "room")
+    __slots__ = ("closed", "room")
 
     def __init__(self, room: int) -> None:
+        super().__init__()
         self.room = room
-        self.count = 0
-        self.last_seq = 0
-        self.gaps = 0  # a seq arrived more than one past the previous
-        self.duplicates = 0  # a seq arrived that was not above the previous
-        self.bad: str | None = None  # the first anomaly, for the report
         self.closed: str | None = None  # set if the server closed the connection
 
-    def see(self, seq: int) -> None:
-        expected = self.last_seq + 1
-        if seq != expected:
-            if seq > expected:
-                self.gaps += 1
-            else:
-                self.duplicates += 1
-            if self.bad is None:
-                self.bad = f"expected seq {expected}, got {seq}"
-        self.last_seq = max(self.last_seq, seq)
-        self.count += 1
 
-
-async def open_live(url: str, compression: str | None, timeout: float) -> Any:
-    """Connect and wait for the pong that proves the connection is attached to the hub."""
-    ws = await websockets.connect(
-        url,
-        compression=compression,
-        open_timeout=timeout,
-        ping_interval=None,  # no client keepalive: a busy generator must not drop itself
-        close_timeout=2,
-        max_size=2**22,
-    )
-    try:
-        await ws.send('{"type":"ping"}')
-        deadline = time.monotonic() + PING_TIMEOUT
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no pong")
-            raw = await asyncio.wait_for(ws.recv(decode=False), remaining)
-            if orjson.loads(raw).get("type") == "pong":
-                return ws
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(ws.close(), 2)
-        raise
-
-
-async def _read_loop(ws: Any, tally: Tally, latencies: array.array[int], clock: list[int]) -> None:
+async def _read_loop(ws: Any, tally: Seen, latencies: array.array[int], clock: list[int]) -> None:
     loads = orjson.loads
     now_ns = time.time_ns
     recv = ws.recv
@@ -589,7 +211,7 @@ async def _receiver_main(pipe: Pipe, members: list[Member], opts: dict[str, Any]
     compression = opts["compression"]
     batch = opts["connect_batch"]
     sockets: list[Any] = []
-    tallies: list[Tally] = []
+    tallies: list[Seen] = []
     failures: list[str] = []
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -604,7 +226,7 @@ async def _receiver_main(pipe: Pipe, members: list[Member], opts: dict[str, Any]
                     failures.append(f"{member.user_id}: {type(result).__name__}: {result}")
                 else:
                     sockets.append(result)
-                    tallies.append(Tally(member.room))
+                    tallies.append(Seen(member.room))
         latencies: array.array[int] = array.array("q")
         clock = [0]
         tasks = [
@@ -619,7 +241,7 @@ async def _receiver_main(pipe: Pipe, members: list[Member], opts: dict[str, Any]
         _, expected, drain_timeout = command
         deadline = time.monotonic() + drain_timeout
         while time.monotonic() < deadline:
-            if all(t.count >= expected.get(t.room, 0) or t.closed for t in tallies):
+            if all(t.received >= expected.get(t.room, 0) or t.closed for t in tallies):
                 break
             await asyncio.sleep(0.05)
         for task in tasks:
@@ -629,10 +251,12 @@ async def _receiver_main(pipe: Pipe, members: list[Member], opts: dict[str, Any]
             (
                 "result",
                 {
-                    "counts": [(t.room, t.count) for t in tallies],
+                    "counts": [(t.room, t.received) for t in tallies],
                     "gaps": sum(t.gaps for t in tallies),
                     "duplicates": sum(t.duplicates for t in tallies),
-                    "bad": [f"room {t.room}: {t.bad}" for t in tallies if t.bad][:5],
+                    "bad": [
+                        f"room {t.room}: {t.first_problem}" for t in tallies if t.first_problem
+                    ][:5],
                     "closed": [f"room {t.room}: {t.closed}" for t in tallies if t.closed][:5],
                     "closed_count": sum(1 for t in tallies if t.closed),
                     "last_ns": clock[0],
@@ -667,16 +291,7 @@ class Worker:
     size: int
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.pipe.send(("abort",))
-        self.process.join(5)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
-        self.pipe.close()
+        stop_child(self.process, self.pipe, ("abort",), 5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -691,7 +306,7 @@ class Sender:
     user_id: str
     live: RealtimeConnection
     window: asyncio.Semaphore | None  # None: paced, not windowed
-    tally: Tally
+    tally: Seen
     sent: int = 0
     pending: set[str] = field(default_factory=set)
     latencies: list[int] = field(default_factory=list)
@@ -815,7 +430,6 @@ async def paced_writer(sender: Sender, first_at: float, period: float, end_at: f
 async def connect_senders(
     servers: list[Server],
     rooms: list[tuple[str, list[str]]],
-    codec: TokenCodec,
     args: argparse.Namespace,
     senders: list[Sender],
     readers: list[asyncio.Task[None]],
@@ -835,12 +449,10 @@ async def connect_senders(
         # No automatic reconnect: a connection the server drops must show up in the
         # report, not be repaired behind the measurement's back.
         kind = RealtimeConnection if args.sender_keepalive else SenderConnection
-        live = kind(
-            member_base_url(servers, room, slot), session_id, codec.issue(user), reconnect=False
-        )
+        live = kind(member_base_url(servers, room, slot), session_id, token(user), reconnect=False)
         await asyncio.wait_for(live.connect(), 10)
         window = asyncio.Semaphore(args.window) if args.window else None
-        sender = Sender(room, slot, user, live, window, Tally(room))
+        sender = Sender(room, slot, user, live, window, Seen(room))
         senders.append(sender)
         await live.ping()
         await live.receive_until("pong", timeout=PING_TIMEOUT)
@@ -890,13 +502,10 @@ class Result:
     closed: int = 0
     send_errors: int = 0
     problems: list[str] = field(default_factory=list)
-    cpu: dict[str, float] = field(default_factory=dict)
-    machine_busy: float = 0.0  # cores busy, whole machine (PostgreSQL included)
-    server_errors: int = 0
-    busy_before: float = 0.0  # cores busy in the second before sending started
-    server_rss_mib: list[float] = field(default_factory=list)
+    # While sending: CPU of each process, the whole machine (PostgreSQL included), the
+    # busiest other processes; how busy the machine was just before; the servers' RSS.
+    load: Load = field(default_factory=lambda: Load({}, 0.0, 0.0, "", {}))
     code: str = ""  # git commit of the server code
-    outsiders: str = ""  # the busiest other processes while sending
     to_server_p50_ms: float = math.nan
     server_to_echo_p50_ms: float = math.nan
     lag_p99_ms: float = math.nan  # paced senders: lateness against the schedule
@@ -905,11 +514,6 @@ class Result:
     redis_calls: dict[str, int] | None = None
     # Messages sent per room, by the instance its first sender is connected to.
     room_sent: dict[str, list[int]] = field(default_factory=dict)
-
-    @property
-    def others(self) -> float:
-        """Cores busy outside this benchmark's processes while it was sending."""
-        return max(0.0, self.machine_busy - sum(self.cpu.values()))
 
     @property
     def lost(self) -> int:
@@ -960,8 +564,9 @@ class Result:
             if self.gaps == 0 and self.duplicates == 0 and self.lost == 0
             else f"FAILED (gaps {self.gaps}, duplicates {self.duplicates}, lost {self.lost})"
         )
-        cpu = "  ".join(f"{name} {share:.0%}" for name, share in self.cpu.items())
-        rss = " + ".join(f"{mib:.0f}" for mib in self.server_rss_mib)
+        load = self.load
+        cpu = "  ".join(f"{name} {share:.0%}" for name, share in load.cpu.items())
+        rss = " + ".join(f"{mib:.0f}" for mib in load.rss.values())
         who = f"{self.senders} sender{'s' if self.senders > 1 else ''}/room"
         if self.rate is not None:
             sending = f"{who} at {self.rate:g} msgs/s each (paced)"
@@ -1013,10 +618,10 @@ class Result:
             f"sender echo, p50:         send -> server timestamp {self.to_server_p50_ms:.1f} ms, "
             f"server timestamp -> echo {self.server_to_echo_p50_ms:.1f} ms",
             f"cpu during sending:       {cpu} (share of one core); server RSS {rss} MiB",
-            f"machine (all processes):  {self.machine_busy:.2f} of {os.cpu_count()} cores busy "
-            f"while sending, {self.others:.2f} of them outside this benchmark; "
-            f"{self.busy_before:.2f} busy just before",
-            f"busiest other processes:  {self.outsiders or '-'}",
+            f"machine (all processes):  {load.machine:.2f} of {os.cpu_count()} cores busy "
+            f"while sending, {load.others:.2f} of them outside this benchmark; "
+            f"{load.before:.2f} busy just before",
+            f"busiest other processes:  {load.outsiders or '-'}",
         ]
         if self.closed:
             lines.append(f"connections closed by the server: {self.closed}")
@@ -1028,17 +633,16 @@ class Result:
 
 
 async def create_rooms(
-    base_url: str, codec: TokenCodec, args: argparse.Namespace, run_id: str
+    http: httpx.AsyncClient, args: argparse.Namespace, run_id: str
 ) -> list[tuple[str, list[str]]]:
     """`rooms` group sessions; member 0 creates the room and is its sender."""
 
     async def one(room: int) -> tuple[str, list[str]]:
         users = [f"bench-{run_id}-r{room}-u{i}" for i in range(args.members)]
-        async with ChatClient(base_url, codec.issue(users[0]), timeout=30) as chat:
-            created = await chat.create_session(
-                title=f"bench room {room}", kind="group", participants=users[1:]
-            )
-        return str(created["session_id"]), users
+        session_id = await create_session(
+            http, token(users[0]), title=f"bench room {room}", kind="group", participants=users[1:]
+        )
+        return session_id, users
 
     rooms: list[tuple[str, list[str]]] = []
     for start in range(0, args.rooms, 10):
@@ -1048,12 +652,15 @@ async def create_rooms(
     return rooms
 
 
-async def stored_counts(
-    base_url: str, codec: TokenCodec, rooms: list[tuple[str, list[str]]]
-) -> int:
+async def stored_counts(http: httpx.AsyncClient, rooms: list[tuple[str, list[str]]]) -> int:
     async def one(session_id: str, owner: str) -> int:
-        async with ChatClient(base_url, codec.issue(owner), timeout=30) as chat:
-            return int((await chat.list_messages(session_id, limit=1))["total"])
+        response = await http.get(
+            f"{API}/sessions/{session_id}/messages",
+            params={"limit": 1},
+            headers=bearer(token(owner)),
+        )
+        response.raise_for_status()
+        return int(response.json()["total"])
 
     total = 0
     for start in range(0, len(rooms), 10):
@@ -1079,20 +686,6 @@ def _split(items: list[Member], parts: int) -> Iterator[list[Member]]:
             yield chunk
 
 
-async def postgres_backend_pids(database: str) -> list[int]:
-    """PIDs of the PostgreSQL backends serving `database` (the server's pool)."""
-    import asyncpg
-
-    conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
-    try:
-        rows = await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname = $1", database, timeout=5
-        )
-    finally:
-        await conn.close(timeout=5)
-    return [int(row["pid"]) for row in rows]
-
-
 async def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     """Poll `condition` every 50 ms for at most `timeout` s; its last value."""
     deadline = time.monotonic() + timeout
@@ -1103,27 +696,8 @@ async def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     return condition()
 
 
-async def quiet_machine(wait: float) -> float:
-    """Cores busy over the last two seconds; waits up to `wait` s for them to be < 0.25."""
-    deadline = time.monotonic() + wait
-    samples: list[float] = []
-    while True:
-        before = machine_busy_seconds()
-        await asyncio.sleep(1.0)
-        samples = [*samples[-1:], machine_busy_seconds() - before]
-        busy = sum(samples) / len(samples)
-        quiet = len(samples) == 2 and max(samples) < 0.25
-        if quiet or time.monotonic() >= deadline:
-            return busy
-
-
-async def bench(
-    servers: list[Server],
-    backend: str,
-    args: argparse.Namespace,
-    database: str | None,
-    redis_server: RedisServer | None,
-) -> Result:
+async def bench(stack: Stack, backend: str, args: argparse.Namespace) -> Result:
+    servers, redis_server = stack.servers, stack.redis
     result = Result(
         backend,
         args.scenario,
@@ -1136,18 +710,17 @@ async def bench(
         args.rate,
         args.duration,
     )
-    codec = TokenCodec(JWT_SECRET)
     run_id = uuid.uuid4().hex[:6]
     compression = None if args.compression == "none" else "deflate"
-    rooms = await create_rooms(servers[0].base_url, codec, args, run_id)
+    http = httpx.AsyncClient(base_url=servers[0].base_url, timeout=30)
+    rooms = await create_rooms(http, args, run_id)
 
     receivers: list[Member] = []
     for room, (session_id, users) in enumerate(rooms):
         for index, user in enumerate(users):
             if index < args.senders:
                 continue
-            base = member_base_url(servers, room, index)
-            url = RealtimeConnection(base, session_id, codec.issue(user)).url
+            url = ws_url(member_base_url(servers, room, index), session_id, token(user))
             receivers.append(Member(room, session_id, user, url))
 
     ctx = mp.get_context("spawn")
@@ -1180,7 +753,7 @@ async def bench(
             workers.append(Worker(process, parent, len(chunk)))
 
         # Senders connect while the receivers do.
-        await connect_senders(servers, rooms, codec, args, senders, reader_tasks)
+        await connect_senders(servers, rooms, args, senders, reader_tasks)
 
         connect_timeout = 60 + len(receivers) / max(1, args.connect_batch) * 15
         for worker in workers:
@@ -1200,23 +773,21 @@ async def bench(
         )
 
         loop = asyncio.get_running_loop()
-        result.busy_before = await quiet_machine(args.wait_quiet)
-        pids = {server.name: server.process.pid for server in servers}
+        pids = {server.name: server.pid for server in servers}
         pids["senders"] = os.getpid()
         pids.update({f"receivers{i or ''}": w.process.pid or 0 for i, w in enumerate(workers)})
+        if redis_server is not None:
+            pids["redis"] = redis_server.pid
+        meter = Meter(pids, stack.database, servers)
+        meter.before = await quiet_machine(args.wait_quiet)
         redis_before: dict[str, int] = {}
         if redis_server is not None:
             from redis.asyncio import Redis
 
-            pids["redis"] = redis_server.process.pid
             # One connection for both readings: its handshake happens before the first.
             redis_client = Redis(host=HOST, port=redis_server.port, socket_timeout=10)
             redis_before = await redis_calls(redis_client)
-        pg_pids = await postgres_backend_pids(database) if database else []
-        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        pg_before = {pid: cpu_seconds(pid) for pid in pg_pids}
-        everyone_before = process_cpu()
-        machine_before = machine_busy_seconds()
+        await meter.start(None)
         start_ns = time.time_ns()
         start = loop.time()
         end_at = start + args.duration
@@ -1230,23 +801,12 @@ async def bench(
         else:
             writers = [sender_writer(s, end_at) for s in senders]
         await asyncio.gather(*writers)
-        send_elapsed = loop.time() - start
-        cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        result.cpu = {name: (cpu_after[name] - cpu_before[name]) / send_elapsed for name in pids}
-        result.machine_busy = (machine_busy_seconds() - machine_before) / send_elapsed
-        result.server_rss_mib = [rss_mib(server.process.pid) for server in servers]
-        if database:
-            # Backends the pools opened during the window count from zero.
-            pg_pids = sorted({*pg_pids, *await postgres_backend_pids(database)})
-            pg_used = sum(cpu_seconds(pid) - pg_before.get(pid, 0.0) for pid in pg_pids)
-            result.cpu["postgres"] = pg_used / send_elapsed
-        ours = {*pids.values(), *pg_pids}
-        result.outsiders = top_outsiders(everyone_before, process_cpu(), ours, send_elapsed)
-        result.send_seconds = send_elapsed
-        lags = sorted(lag for s in senders for lag in s.lags)
+        result.send_seconds = loop.time() - start
+        result.load = await meter.stop()
+        lags = [lag for s in senders for lag in s.lags]
         if lags:
             result.lag_p99_ms = percentile(lags, 0.99) * 1000
-            result.lag_max_ms = lags[-1] * 1000
+            result.lag_max_ms = max(lags) * 1000
 
         # Drain the senders' own echoes (windows, paced sends in flight), bounded.
         await wait_until(
@@ -1279,7 +839,7 @@ async def bench(
         # The senders' connections receive the other senders' messages of their room too.
         await wait_until(
             lambda: all(
-                s.tally.count >= expected_per_room[s.room] or s.tally.closed for s in senders
+                s.tally.received >= expected_per_room[s.room] or s.tally.closed for s in senders
             ),
             args.drain_timeout,
         )
@@ -1287,15 +847,15 @@ async def bench(
         last_ns = max((s.last_ns for s in senders), default=0)
         split = [pair for s in senders for pair in s.split]
         if split:
-            result.to_server_p50_ms = percentile(sorted(a for a, _ in split), 0.5) / 1000
-            result.server_to_echo_p50_ms = percentile(sorted(b for _, b in split), 0.5) / 1000
+            result.to_server_p50_ms = percentile((a for a, _ in split), 0.5) / 1000
+            result.server_to_echo_p50_ms = percentile((b for _, b in split), 0.5) / 1000
         for s in senders:
             latencies.extend(s.latencies)
-            result.received += s.tally.count
+            result.received += s.tally.received
             result.gaps += s.tally.gaps
             result.duplicates += s.tally.duplicates
-            if s.tally.bad:
-                result.problems.append(f"room {s.room} sender {s.slot}: {s.tally.bad}")
+            if s.tally.first_problem:
+                result.problems.append(f"room {s.room} sender {s.slot}: {s.tally.first_problem}")
             if s.tally.closed:
                 result.closed += 1
                 result.problems.append(f"room {s.room} sender {s.slot} closed: {s.tally.closed}")
@@ -1331,7 +891,8 @@ async def bench(
             result.problems.append(
                 f"{result.received - len(latencies)} deliveries carried no send time"
             )
-        result.stored = await stored_counts(servers[-1].base_url, codec, rooms)
+        async with httpx.AsyncClient(base_url=servers[-1].base_url, timeout=30) as last:
+            result.stored = await stored_counts(last, rooms)
         return result
     finally:
         for task in reader_tasks:
@@ -1342,111 +903,36 @@ async def bench(
         )
         for worker in workers:
             worker.stop()
+        await http.aclose()
         if redis_client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(redis_client.aclose(), 2)
 
 
-def code_version() -> str:
-    """The commit the server code comes from, and whether src/ differs from it."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    if not head:
-        return "unknown (not a git checkout)"
-    return f"{head}{' with uncommitted changes in src/' if dirty else ', src/ clean'}"
-
-
 def run_backend(backend: str, args: argparse.Namespace) -> Result:
-    workdir = Path(tempfile.mkdtemp(prefix=f"chat-bench-{backend}-"))
-    database: str | None = None
-    servers: list[Server] = []
-    redis_server: RedisServer | None = None
-    try:
-        database_url = None
-        if backend == "postgres":
-            # Named before it exists, so an interruption during CREATE still drops it.
-            database = f"chatservice_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-            create_postgres_database(database)
-            database_url = _database_url(database)
-        if args.bus == "redis":
-            redis_server = start_redis(workdir)
-        env = server_env(
-            workdir,
-            database_url,
-            max(1000, 2 * args.rooms * args.members),
-            redis_server.url if redis_server else None,
-            args.db_pool,
-        )
-        if database_url:
-            migrate_postgres(workdir, env)
-        version_before = code_version()
-        for i in range(args.instances):
-            name = "server" if i == 0 else f"server{i + 1}"
-            profile = None
-            if args.server_profile:
-                profile = Path(f"{args.server_profile}.{backend}{'' if i == 0 else i + 1}")
-            servers.append(start_server(workdir, env, profile and profile.resolve(), name))
-        try:
-            result = run_async(bench(servers, backend, args, database, redis_server))
-        except Exception:
-            for server in servers:
-                errors = server.errors()
-                if errors:
-                    print(
-                        f"{server.name} logged {len(errors)} errors, first: {errors[0]}",
-                        file=sys.stderr,
-                    )
-                if server.process.poll() is not None or args.verbose:
-                    print(f"{server.name} log (tail):\n{server.log_tail()}", file=sys.stderr)
-            raise
-        result.code = version_before
-        version_after = code_version()
-        if version_after != version_before:
-            result.code += f" (changed to {version_after} during the run)"
-        for server in servers:
-            if server.process.poll() is not None:
-                result.problems.append(f"{server.name} exited with {server.process.returncode}")
-            errors = server.errors()
-            if errors:
-                result.server_errors += len(errors)
-                result.problems.append(
-                    f"{server.name} logged {len(errors)} errors, first: {errors[0]}"
-                )
-            if args.verbose:
+    def profile(name: str) -> Path | None:
+        if not args.server_profile:
+            return None
+        return Path(f"{args.server_profile}.{backend}{name.removeprefix('server')}").resolve()
+
+    with started(
+        backend=backend,
+        names=["server", "server2"][: args.instances],
+        redis=args.bus == "redis",
+        max_connections=max(1000, 2 * args.rooms * args.members),
+        db_pool=args.db_pool,
+        profile=profile,
+        prefix=f"chat-bench-{backend}",
+        keep=args.keep,
+        verbose=args.verbose,
+    ) as stack:
+        result = run_async(bench(stack, backend, args))
+        result.problems += stack.problems()
+        if args.verbose:
+            for server in stack.servers:
                 print(f"{server.name} log (tail):\n{server.log_tail()}", file=sys.stderr)
-        if redis_server is not None and redis_server.process.poll() is not None:
-            result.problems.append(f"redis-server exited with {redis_server.process.returncode}")
-        return result
-    finally:
-        for server in servers:
-            server.stop()
-        if redis_server is not None:
-            redis_server.stop()
-        if database is not None:
-            try:
-                drop_postgres_database(database)
-            except Exception as exc:
-                print(f"warning: could not drop database {database}: {exc}", file=sys.stderr)
-        if args.keep:
-            print(f"kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    result.code = stack.code
+    return result
 
 
 def summary_table(results: list[Result]) -> str:
@@ -1464,7 +950,7 @@ def summary_table(results: list[Result]) -> str:
         f"| {r.backend} | {r.scenario} | {r.bus} | {r.instances} | {r.sent} | {r.expected} | "
         f"{r.received} | {r.delivered_per_second:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | "
         f"{r.lost} | {'ok' if r.gaps == 0 and r.duplicates == 0 else 'FAILED'} | "
-        f"{redis(r.redis_per_delivery)} | {redis(r.publish_per_message)} | {r.others:.2f} |"
+        f"{redis(r.redis_per_delivery)} | {redis(r.publish_per_message)} | {r.load.others:.2f} |"
         for r in results
     ]
     return "\n".join([head, *rows])
@@ -1515,12 +1001,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connect-batch", type=int, default=25, help="handshakes at a time")
     parser.add_argument("--receiver-procs", type=int, default=1, help="receiver processes")
     parser.add_argument(
-        "--db-pool",
-        type=int,
-        default=20,
-        help="PostgreSQL: DATABASE_POOL_SIZE per instance, with DATABASE_MAX_OVERFLOW=0",
-    )
-    parser.add_argument(
         "--compression",
         choices=["deflate", "none"],
         default="deflate",
@@ -1528,27 +1008,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "browsers' default; the SDK senders always use the default)",
     )
     parser.add_argument(
-        "--server-profile",
-        metavar="PATH",
-        help="run the server under cProfile and write PATH.<backend> (slows the server; "
-        "for finding hot spots, not for figures)",
-    )
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="before sending, wait up to this long for the machine to be idle (other "
-        "processes skew the figures; the report shows how busy it was)",
-    )
-    parser.add_argument(
         "--sender-keepalive",
         action="store_true",
         help="keep websockets' default client keepalive (20 s ping timeout) on the senders' "
         "connections; off by default, as on the receivers'",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (server log)")
-    parser.add_argument("--verbose", action="store_true", help="print the server log tail")
+    add_run_args(parser, "PATH.<backend>, PATH.<backend>2 for the second instance")
     args = parser.parse_args(argv)
     preset = SCENARIOS[args.scenario]
     if args.scenario == "windowed" and args.rate is not None:
@@ -1575,36 +1040,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-
-    # Ctrl-C (even when started from a shell that ignores SIGINT in background jobs) and
-    # SIGTERM both end the run through KeyboardInterrupt: asyncio.Runner cancels the
-    # running bench, whose `finally` blocks close the connections and stop the receiver
-    # processes, then run_backend stops the servers and redis-server and drops the
-    # database.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def on_sigterm(_signum: int, _frame: object) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    results: list[Result] = []
-    try:
+
+    def run_all() -> int:
+        results: list[Result] = []
         for backend in backends:
             result = run_backend(backend, args)
             print(result.report(), flush=True)
             results.append(result)
-    except KeyboardInterrupt:
-        print("interrupted; servers and temporary data cleaned up", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.verbose:
-            raise
-        print(f"error: {type(exc).__name__}: {exc} (--verbose for the traceback)", file=sys.stderr)
-        return 2
-    print()
-    print(summary_table(results))
-    return 0 if results and all(r.ok for r in results) else 1
+        print()
+        print(summary_table(results))
+        return 0 if results and all(r.ok for r in results) else 1
+
+    return guarded(run_all, args.verbose)
 
 
 if __name__ == "__main__":

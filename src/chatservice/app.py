@@ -27,7 +27,6 @@ from chatservice.api import files as files_api
 from chatservice.api import streams as streams_api
 from chatservice.api.limits import BodyLimitMiddleware, RouteLimit
 from chatservice.api.safety import ResponseSafety
-from chatservice.api.socket_routes import SocketRoutes
 from chatservice.auth import TokenCodec
 from chatservice.blobs.base import BlobStore
 from chatservice.blobs.local import LocalBlobStore
@@ -281,6 +280,8 @@ async def stop_components(parts: Components) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The HTTP API, and the components' lifespan; an ASGI server runs it behind
+    `SocketRoutes` (`api/socket_routes.py`), which serves the WebSocket endpoints."""
     settings = settings or Settings()
     parts = build_components(settings)
 
@@ -329,9 +330,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every answer gets its headers, and every exception the layers below let through
     # becomes a 500 here.
     app.add_middleware(ResponseSafety)
-    # Outermost of ours (inside Starlette's own error middleware): WebSockets skip the
-    # HTTP stack.
-    app.add_middleware(SocketRoutes)
     for module in (
         health,
         sessions,

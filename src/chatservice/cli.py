@@ -61,6 +61,7 @@ def serve(
     from chatservice.api.direct_frames import DirectFramesProtocol
     from chatservice.api.header_limit import bounded_http_protocol
     from chatservice.api.server import DrainingServer
+    from chatservice.api.socket_routes import SocketRoutes
     from chatservice.app import create_app
     from chatservice.logs import configure_logging
     from chatservice.store import migrate
@@ -90,7 +91,7 @@ def serve(
     typer.echo(_start_banner(settings, host, port or settings.service_port))
     app = create_app(settings)
     config = uvicorn.Config(
-        app,
+        SocketRoutes(app),
         host=host,
         port=port or settings.service_port,
         http=bounded_http_protocol(settings.max_request_header_bytes),
@@ -101,6 +102,9 @@ def serve(
         ws_ping_timeout=settings.ws_connection_timeout,
         ws_per_message_deflate=settings.ws_per_message_deflate,
         timeout_graceful_shutdown=5,
+        # Nothing here reads a client's address or scheme, and believing a peer's
+        # X-Forwarded-* headers is a gateway trust an operator has not configured.
+        proxy_headers=False,
     )
     parts = app.state.components
 

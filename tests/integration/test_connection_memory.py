@@ -13,6 +13,7 @@ import asyncio
 import gc
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 import websockets
 from fastapi import FastAPI, WebSocket
@@ -24,6 +25,18 @@ from tests.integration.helpers import serving
 
 def echo_app() -> FastAPI:
     app = FastAPI()
+
+    @app.websocket("/held")
+    async def held(websocket: WebSocket) -> None:
+        assert websocket.headers["x-padding"]  # the application reads them before accepting
+        await websocket.accept()
+        protocol = websocket.scope["extensions"]["chatservice.direct_frames"]["protocol"]
+        # The websockets parser's frame holds the handshake request as long as the socket.
+        request = protocol.conn.parser.gi_frame.f_locals["request"]
+        await websocket.send_json(
+            {"scope": len(websocket.scope["headers"]), "request": len(request.headers)}
+        )
+        await websocket.receive_text()
 
     @app.websocket("/echo")
     async def echo(websocket: WebSocket) -> None:
@@ -71,3 +84,10 @@ async def test_closed_websockets_are_freed_without_the_cyclic_collector(
         assert live_protocols() == before
     finally:
         gc.enable()
+
+
+async def test_an_accepted_websocket_keeps_none_of_its_handshake_headers(ws_url: str) -> None:
+    held = ws_url.replace("/echo", "/held")
+    async with websockets.connect(held, additional_headers={"X-Padding": "x" * 2000}) as ws:
+        assert orjson.loads(await ws.recv()) == {"scope": 0, "request": 0}
+        await ws.send("bye")

@@ -106,7 +106,8 @@ class _Flag:
 
 class DirectFramesProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, plus batched writes for the application,
-    and a smaller footprint per connection."""
+    and a smaller footprint per connection: after the accept, the scope's `headers` are
+    empty."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -124,7 +125,14 @@ class DirectFramesProtocol(WebSocketsSansIOProtocol):
     async def send(self, message: Any) -> None:
         await super().send(message)
         if message["type"] == "websocket.accept":
-            # The handshake's request and response, headers and all, are done with.
+            # The handshake's headers are done with once the application accepted (its
+            # checks read them before). They are most of what an idle socket holds:
+            # the request's stay alive in the websockets parser's frame for the whole
+            # connection, and the scope's copy with the application.
+            self.request.headers.clear()
+            headers = self.scope["headers"]
+            if isinstance(headers, list):  # in place: Starlette's Headers share the list
+                headers.clear()
             self.request = self.response = None  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -91,7 +91,6 @@ from typing import Any, cast
 import httpx
 import orjson
 from harness.clients import API, bearer, close_ws, create_session, open_live, token, ws_url
-from harness.machine import percentile as pct
 from harness.machine import quiet_machine
 from harness.run import add_run_args, guarded, run_async, stop_child
 from harness.server import die_with_parent
@@ -99,6 +98,7 @@ from harness.stack import Stack, started
 
 from chatservice.agents.base import AgentRequest, Turn
 from chatservice.agents.demo import demo_answer
+from chatservice.tally import percentile as pct
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON = dict[str, Any]

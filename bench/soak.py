@@ -113,13 +113,15 @@ import orjson
 import redis.asyncio as aioredis
 import websockets
 from harness.clients import bearer, create_session, token
-from harness.machine import HOST, cpu_seconds, machine_cpu, percentile, proc_status
+from harness.machine import HOST, cpu_seconds, machine_cpu, proc_status
 from harness.run import interrupt_on_signals, run_async
 from harness.server import BASE_SCRUB, Server
 from harness.stack import Stack, started
 from harness.tally import Tally
 from PIL import Image
 from websockets.exceptions import ConnectionClosed
+
+from chatservice.tally import percentile
 
 SOAK_ADMIN_URL = os.environ.get(
     "SOAK_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

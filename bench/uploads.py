@@ -70,13 +70,15 @@ from typing import Any
 
 import httpx
 from harness.clients import API, bearer, create_session, new_user
-from harness.machine import cpu_seconds, percentile, proc_status, quiet_machine
+from harness.machine import cpu_seconds, proc_status, quiet_machine
 from harness.meter import Load
 from harness.probes import HealthProbe, Memory, MemoryProbe
 from harness.report import markdown_table, spread
 from harness.run import echo_command, guarded, run_async
 from harness.stack import Stack
 from harness.storage import S3_KEY, S3_REGION, add_storage_args, moto_of, started_with_storage
+
+from chatservice.tally import percentile
 
 MB = 1_000_000  # throughput is in MB/s of 10^6 bytes
 REQUEST_TIMEOUT = 300.0  # one upload or download on a loaded 2-core machine

@@ -98,7 +98,7 @@ from typing import Any
 import httpx
 import orjson
 from harness.clients import API, PING_TIMEOUT, bearer, create_session, open_live, token, ws_url
-from harness.machine import HOST, percentile, quiet_machine
+from harness.machine import HOST, quiet_machine
 from harness.meter import Load, Meter
 from harness.run import add_run_args, guarded, run_async, stop_child
 from harness.server import Server
@@ -107,6 +107,7 @@ from harness.tally import Tally
 from websockets.exceptions import ConnectionClosed as WSClosed
 
 from chatservice.client import ConnectionClosed, RealtimeConnection
+from chatservice.tally import percentile
 
 # What each scenario means when --rooms/--members/--senders/--window/--rate/--drain-timeout
 # are not given. `window` set = windowed senders; `rate` set = paced senders.

@@ -5,8 +5,8 @@ import `from harness.<module> import ...`; a script imports nothing from another
 
     machine       /proc readings: CPU seconds of a process or thread, RSS and other status
                   fields, the machine's busy time, every process's CPU, the busiest
-                  outsiders, waiting for a quiet machine; free_port, percentile (nearest
-                  rank), code_version (the commit of src/ being measured)
+                  outsiders, waiting for a quiet machine; free_port, code_version (the
+                  commit of src/ being measured)
     meter         Meter/Load: CPU of the run's processes (PostgreSQL backends included)
                   and of the whole machine over one measured window, and its report lines
     server        one `chat-service serve`: SECRET, server_env (the caller's settings left
@@ -21,7 +21,9 @@ import `from harness.<module> import ...`; a script imports nothing from another
     clients       tokens for SECRET, bearer headers, sessions over REST, WebSocket
                   connections proven live by a pong
     tally         Tally: one connection's deliveries checked by seq (received, duplicates,
-                  gaps, out of order), the check `chat-service loadtest` makes per member
+                  gaps, out of order): `chatservice.tally.SeqTally`, the very check
+                  `chat-service loadtest` makes per member; percentiles (nearest rank) are
+                  `chatservice.tally.percentile`, as the product's
     probes        a server's peak memory and its /healthz latency while a block runs
     content       seeded message texts as people type them
     report        markdown tables, ranges and medians over repeats

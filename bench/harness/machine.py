@@ -8,12 +8,10 @@ that is gone rather than raising: a benchmark samples processes that may just ha
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -131,14 +129,6 @@ async def quiet_machine(wait: float) -> float:
         quiet = len(samples) == 2 and max(samples) < 0.25
         if quiet or time.monotonic() >= deadline:
             return busy
-
-
-def percentile(values: Iterable[float], q: float) -> float:
-    """Nearest-rank percentile (`q` in 0..1); nan without values."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    return float(ordered[max(1, math.ceil(q * len(ordered))) - 1])
 
 
 def code_version() -> str:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from harness.machine import percentile, proc_status
+from chatservice.tally import percentile
+from harness.machine import proc_status
 
 
 def reset_peak(pid: int) -> bool:

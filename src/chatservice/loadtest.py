@@ -32,6 +32,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from chatservice.auth import TokenCodec
+from chatservice.tally import SeqTally, percentile
 
 SCENARIOS = ("fanout", "chat", "idle")
 CONNECT_CONCURRENCY = 50
@@ -55,10 +56,7 @@ class Plan:
 class Member:
     user_id: str
     ws: ClientConnection
-    last_seq: int = 0
-    received: int = 0
-    out_of_order: int = 0
-    duplicates: int = 0
+    tally: SeqTally
 
 
 @dataclass
@@ -85,10 +83,7 @@ class Results:
         return self.received / elapsed if elapsed > 0 else 0.0
 
     def percentile(self, fraction: float) -> float:
-        if not self.latencies_ms:
-            return 0.0
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+        return percentile(self.latencies_ms, fraction) if self.latencies_ms else 0.0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -152,8 +147,8 @@ class LoadTest:
                         await member.ws.close()
         for room in members.values():
             for member in room:
-                self.results.out_of_order += member.out_of_order
-                self.results.duplicates += member.duplicates
+                self.results.out_of_order += member.tally.gaps
+                self.results.duplicates += member.tally.duplicates
         return self.results
 
     # -- set-up ----------------------------------------------------------------------------
@@ -200,7 +195,7 @@ class LoadTest:
                 first = orjson.loads(await asyncio.wait_for(ws.recv(), 30))
                 if first.get("type") != "connected":
                     raise RuntimeError(f"expected `connected`, got {first}")
-            members[session_id].append(Member(user_id, ws, last_seq=int(first["last_seq"])))
+            members[session_id].append(Member(user_id, ws, SeqTally(int(first["last_seq"]))))
             self.results.connected += 1
             self.progress("connect", self.results.connected, total)
 
@@ -319,14 +314,8 @@ class LoadTest:
                     continue
                 if kind != "message":
                     continue
-                seq = frame["seq"]
-                if seq <= member.last_seq:
-                    member.duplicates += 1
+                if member.tally.see(frame["seq"]) == "duplicate":
                     continue
-                if seq != member.last_seq + 1:
-                    member.out_of_order += 1
-                member.last_seq = seq
-                member.received += 1
                 results.received += 1
                 results.last_delivery = time.monotonic()
                 sent_at = (frame.get("metadata") or {}).get("t")

@@ -27,7 +27,7 @@ from chatservice.envelope import STREAM_TYPES, Envelope
 from chatservice.services.agents import public_settings
 from chatservice.services.errors import Forbidden, InvalidInput, NotFound
 from chatservice.services.messages import Draft
-from chatservice.store.messages import AlreadyAnswered
+from chatservice.store.message_writer import AlreadyAnswered
 from chatservice.store.tables import chat_messages
 from tests.conftest import new_user
 from tests.fakes.openai_server import FakeOpenAI, answer_text, piece, running_fake

@@ -12,7 +12,7 @@ import pytest
 
 from chatservice.components import Components
 from chatservice.domain import Message, SenderType, new_id, utcnow
-from chatservice.store.messages import MAX_GROUP, SessionNotWritable
+from chatservice.store.message_writer import MAX_GROUP, SessionNotWritable
 from tests.integration.helpers import group, users
 
 

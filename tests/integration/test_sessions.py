@@ -412,6 +412,14 @@ async def test_detail_has_participants_message_count_and_last_activity(
         bob.user_id: "member",
     }
 
+    # A deleted message leaves the count, and the newest one left is the last activity.
+    await parts.messages.delete(bob, last.message.message_id)
+    seen = await parts.sessions.detail(alice, sid)
+    assert seen.message_count == 1
+    assert seen.session.last_seq == 2
+    first = (await parts.messages.page(alice, sid, before=None, after=None, limit=1)).messages
+    assert as_utc(seen.last_activity) == as_utc(first[0].created_at)
+
 
 # -- delete -------------------------------------------------------------------------------
 

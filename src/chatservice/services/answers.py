@@ -33,7 +33,8 @@ from chatservice.domain import (
 )
 from chatservice.publisher import Publisher
 from chatservice.store.agents import AgentStore
-from chatservice.store.messages import AlreadyAnswered, MessageStore, SessionNotWritable
+from chatservice.store.message_writer import AlreadyAnswered, SessionNotWritable
+from chatservice.store.messages import MessageStore
 
 log = logging.getLogger(__name__)
 

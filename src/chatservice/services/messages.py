@@ -37,7 +37,8 @@ from chatservice.services.sessions import (
     check_metadata,
     require_writable,
 )
-from chatservice.store.messages import FileNotAttachable, MessageStore, SessionNotWritable
+from chatservice.store.message_writer import FileNotAttachable, SessionNotWritable
+from chatservice.store.messages import MessageStore
 
 MAX_PAGE = 200
 MAX_CLIENT_MSG_ID = 100

@@ -20,9 +20,8 @@ from chatservice.domain import (
     SessionSummary,
 )
 from chatservice.store.database import Database
+from chatservice.store.message_rows import VISIBLE, visible_count
 from chatservice.store.tables import agents, chat_messages, chat_participants, chat_sessions
-
-_VISIBLE = chat_messages.c.deleted_at.is_(None)
 
 
 def session_from_row(row: Any) -> Session:
@@ -182,7 +181,7 @@ class SessionStore:
         s, p, m = chat_sessions, chat_participants, chat_messages
         latest = (
             select(m.c.content, m.c.created_at)
-            .where(m.c.session_id == s.c.session_id, _VISIBLE)
+            .where(m.c.session_id == s.c.session_id, VISIBLE)
             .order_by(m.c.seq.desc())
             .limit(1)
         )
@@ -193,7 +192,7 @@ class SessionStore:
                 m.c.session_id == s.c.session_id,
                 m.c.seq > p.c.last_read_seq,
                 m.c.sender_id != user_id,
-                _VISIBLE,
+                VISIBLE,
             )
             .scalar_subquery()
         )
@@ -240,20 +239,24 @@ class SessionStore:
                     .order_by(chat_participants.c.joined_at, chat_participants.c.user_id)
                 )
             ).all()
-            stats = (
+            # Neither reads the session's messages: a count and a max over them grow
+            # with the session, these are index probes.
+            count = (await conn.execute(visible_count(session.session_id))).scalar_one_or_none()
+            newest = (
                 await conn.execute(
-                    select(func.count(), func.max(m.c.created_at)).where(
-                        m.c.session_id == session.session_id, _VISIBLE
-                    )
+                    select(m.c.created_at)
+                    .where(m.c.session_id == session.session_id, VISIBLE)
+                    .order_by(m.c.seq.desc())
+                    .limit(1)
                 )
-            ).one()
+            ).scalar_one_or_none()
             agent = await self._agent(conn, session.agent_id)
         return SessionDetail(
             session=session,
             agent=agent,
             participants=[_participant_from_row(row) for row in members],
-            message_count=stats[0],
-            last_activity=stats[1] or session.updated_at,
+            message_count=count or 0,
+            last_activity=newest or session.updated_at,
         )
 
     async def participant_ids(self, session_id: str) -> list[str]:
@@ -393,7 +396,7 @@ class SessionStore:
                             m.c.session_id == session_id,
                             m.c.seq > after_seq,
                             m.c.sender_id != user_id,
-                            _VISIBLE,
+                            VISIBLE,
                         )
                     )
                 ).scalar_one()

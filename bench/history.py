@@ -105,7 +105,6 @@ from harness.machine import (
     code_version,
     cpu_seconds,
     machine_busy_seconds,
-    percentile,
     process_cpu,
     quiet_machine,
     top_outsiders,
@@ -119,6 +118,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from chatservice.domain import Cursor, isoformat
 from chatservice.store.messages import MessageStore
 from chatservice.store.migrate import upgrade
+from chatservice.tally import percentile
 
 SERVER = "current"  # the shipped server: what the tables and the JSON have always called it
 COPY_BATCH = 50_000

@@ -25,6 +25,10 @@ def _agent(row: Any) -> Agent:
 class AgentStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # An agent's row never changes once created (there is no update or delete), so
+        # each is read once per process: the read was on every answer's way to the
+        # upstream's first token. As many entries as agents.
+        self._known: dict[int, Agent] = {}
 
     async def list(self) -> list[Agent]:
         async with self.db.read() as conn:
@@ -32,9 +36,15 @@ class AgentStore:
         return [_agent(row) for row in rows]
 
     async def get(self, agent_id: int) -> Agent | None:
+        known = self._known.get(agent_id)
+        if known is not None:
+            return known
         async with self.db.read() as conn:
             row = (await conn.execute(select(agents).where(agents.c.id == agent_id))).first()
-        return _agent(row) if row else None
+        if row is None:
+            return None
+        agent = self._known[agent_id] = _agent(row)
+        return agent
 
     async def create(
         self, name: str, avatar_url: str | None, backend: str, settings: dict[str, Any]

@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import orjson
 import websockets
-from harness.server import SECRET
 from websockets.asyncio.client import ClientConnection
 
 from chatservice.auth import TokenCodec
 from chatservice.client import RealtimeConnection
+from harness.server import SECRET
 
 API = "/api/chat"
 PING_TIMEOUT = 15.0

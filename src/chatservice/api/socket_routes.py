@@ -31,22 +31,21 @@ class SocketRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            endpoint = _route(scope["path"])
-            if endpoint is not None:
+            route = _route(scope["path"])
+            if route is not None:
+                endpoint, arguments = route
                 scope["app"] = self.app  # what FastAPI would have set: `websocket.app`
-                await endpoint(WebSocket(scope, receive, send))
+                await endpoint(WebSocket(scope, receive, send), *arguments)
                 return
         await self.app(scope, receive, send)
 
 
-def _route(path: str) -> Callable[[WebSocket], Awaitable[None]] | None:
+def _route(path: str) -> tuple[Callable[..., Awaitable[None]], tuple[str, ...]] | None:
+    """The endpoint and its arguments after the socket. Called directly, not through a
+    closure: a wrapper coroutine would stay alive as long as the socket."""
     if path == "/ws":
-        return multiplexed_socket
+        return multiplexed_socket, ()
     prefix, slash, session_id = path.rpartition("/")
     if prefix == "/ws" and slash and session_id:
-
-        async def single(websocket: WebSocket) -> None:
-            await chat_socket(websocket, session_id)
-
-        return single
+        return chat_socket, (session_id,)
     return None
